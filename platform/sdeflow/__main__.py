@@ -1,0 +1,5 @@
+"""``python -m sdeflow`` is the ``sdeflow`` command (torchrun uses this form)."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The hook specifications: one registration hook per kind of component.
+
+A plugin implements any of these and calls ``register(name, factory)`` once per component it offers,
+for example ``register("vp", VPSDE)``. The factory is called with the component's keyword arguments
+from the experiment YAML; its typed signature is the argument schema the kernel validates against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+PROJECT = "sdeflow"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., Any]
+"""``register(name, factory, *, description=None)``."""
+
+
+@hookspec
+def sdeflow_register_sdes(register: Register) -> None:
+    """Register forward (inference) SDEs: subclasses of :class:`sdeflow.interfaces.SDE`."""
+
+
+@hookspec
+def sdeflow_register_networks(register: Register) -> None:
+    """Register networks: ``nn.Module`` mapping (y, τ) to a tensor shaped like y (τ = t/T ∈ [0, 1])."""
+
+
+@hookspec
+def sdeflow_register_parameterizations(register: Register) -> None:
+    """Register parameterizations: factories ``(network, sde, **kwargs)`` of :class:`Parameterization`."""
+
+
+@hookspec
+def sdeflow_register_losses(register: Register) -> None:
+    """Register training losses: :class:`sdeflow.interfaces.Loss` subclasses."""
+
+
+@hookspec
+def sdeflow_register_time_samplers(register: Register) -> None:
+    """Register time samplers: :class:`sdeflow.interfaces.TimeSampler` subclasses."""
+
+
+@hookspec
+def sdeflow_register_samplers(register: Register) -> None:
+    """Register reverse-time samplers: :class:`sdeflow.interfaces.Sampler` subclasses."""
+
+
+@hookspec
+def sdeflow_register_datasets(register: Register) -> None:
+    """Register data sets: factories returning a :class:`sdeflow.interfaces.DataBundle`."""
+
+
+KINDS: dict[str, str] = {
+    "sde": "sdeflow_register_sdes",
+    "network": "sdeflow_register_networks",
+    "parameterization": "sdeflow_register_parameterizations",
+    "loss": "sdeflow_register_losses",
+    "time_sampler": "sdeflow_register_time_samplers",
+    "sampler": "sdeflow_register_samplers",
+    "data": "sdeflow_register_datasets",
+}
+"""Component kind (the experiment YAML's section name) → the hook that registers it."""

@@ -1,0 +1,243 @@
+"""The abstract interfaces plugins implement. Notation and equations: MATH.md (Huang et al. 2021).
+
+Time ``t`` runs forward (data → noise) on [0, T]; tensors of times have shape (B,) and broadcast
+against a batch ``y`` of shape (B, ...). Every method works for a batch of one.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+
+def bcast(t: Tensor, y: Tensor) -> Tensor:
+    """Reshape per-example times (B,) to broadcast against y (B, ...)."""
+    return t.reshape(-1, *([1] * (y.ndim - 1)))
+
+
+def flat_sum(x: Tensor) -> Tensor:
+    """Sum over every dimension but the batch: (B, ...) → (B,)."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def gaussian_log_prob(y: Tensor, std: float | Tensor = 1.0) -> Tensor:
+    """log N(y; 0, std² I) per example."""
+    D = y[0].numel()
+    std = torch.as_tensor(std, dtype=y.dtype, device=y.device)
+    return -0.5 * flat_sum(y**2) / std**2 - D * torch.log(std) - 0.5 * D * math.log(2 * math.pi)
+
+
+class SDE(abc.ABC):
+    """Inference SDE dY = f(Y, t) dt + g(t) dB_t with Y_t | x ~ N(m(t) x, σ(t)² I) (MATH.md §1)."""
+
+    T: float = 1.0
+    t_eps: float = 1e-3
+
+    @abc.abstractmethod
+    def f(self, y: Tensor, t: Tensor) -> Tensor:
+        """Drift f(y, t), shaped like y."""
+
+    @abc.abstractmethod
+    def g(self, t: Tensor) -> Tensor:
+        """Diffusion coefficient g(t), shape (B,)."""
+
+    @abc.abstractmethod
+    def m(self, t: Tensor) -> Tensor:
+        """Mean coefficient m(t) of Y_t | x, shape (B,)."""
+
+    @abc.abstractmethod
+    def sigma(self, t: Tensor) -> Tensor:
+        """Standard deviation σ(t) of Y_t | x, shape (B,)."""
+
+    @abc.abstractmethod
+    def prior_sample(self, shape: tuple[int, ...], *, generator=None, device=None, dtype=None) -> Tensor:
+        """Draw from the prior p_T."""
+
+    @abc.abstractmethod
+    def prior_log_prob(self, y: Tensor) -> Tensor:
+        """log p_T(y) per example."""
+
+    def likelihood_weight(self, t: Tensor) -> Tensor:
+        """r(t) = g(t)² / σ(t)²: the weight that turns σ²-weighted DSM into the ELBO (MATH.md §4)."""
+        return self.g(t) ** 2 / self.sigma(t) ** 2
+
+    def truncated_likelihood_weight(self, t: Tensor) -> Tensor:
+        """w(t) = r(max(t, t_ε)), integrable on [0, T] (MATH.md §4)."""
+        return self.likelihood_weight(t.clamp(min=self.t_eps))
+
+    @functools.cached_property
+    def likelihood_time_density(self) -> TimeDensity:
+        """The density q(t) ∝ w(t) on [0, T] (MATH.md §6); tabulated unless a subclass has a closed form."""
+        return TabulatedTimeDensity(self)
+
+    def marginal_sample(self, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """y = m(t) x + σ(t) ε."""
+        return bcast(self.m(t), x) * x + bcast(self.sigma(t), x) * eps
+
+
+class TimeDensity(abc.ABC):
+    """A density on [0, T] with its CDF and inverse CDF, for importance sampling of t."""
+
+    Z: float
+    """Normaliser: ∫₀ᵀ w(t) dt for the unnormalised weight w this density is proportional to."""
+
+    @abc.abstractmethod
+    def pdf(self, t: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def cdf(self, t: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def icdf(self, u: Tensor) -> Tensor: ...
+
+
+class TabulatedTimeDensity(TimeDensity):
+    """q(t) ∝ w(t) = r(max(t, t_ε)) for any SDE, by a fine table of ∫ r and linear interpolation.
+
+    The density reported is the exact density of the samples drawn (piecewise constant between
+    grid points), so importance weights stay unbiased whatever the table's resolution.
+    """
+
+    def __init__(self, sde: SDE, points: int = 20001):
+        knots = torch.logspace(math.log10(sde.t_eps), math.log10(sde.T), points, dtype=torch.float64)
+        r = sde.likelihood_weight(knots).to(torch.float64)
+        r_eps = float(r[0])
+        area = torch.cumsum(0.5 * (r[1:] + r[:-1]) * knots.diff(), 0)
+        mass = torch.cat([torch.zeros(1, dtype=torch.float64), area]) + sde.t_eps * r_eps
+        mass = torch.cat([torch.zeros(1, dtype=torch.float64), mass])
+        self.knots = torch.cat([torch.zeros(1, dtype=torch.float64), knots])
+        self.Z = float(mass[-1])
+        self.cum = mass / self.Z
+        self.T = sde.T
+
+    def _table(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        return self.knots.to(like.device), self.cum.to(like.device)
+
+    def pdf(self, t: Tensor) -> Tensor:
+        knots, cum = self._table(t)
+        i = torch.searchsorted(knots, t.to(torch.float64).clamp(0, self.T), right=True).clamp(1, len(knots) - 1)
+        slope = (cum[i] - cum[i - 1]) / (knots[i] - knots[i - 1])
+        return slope.to(t.dtype)
+
+    def cdf(self, t: Tensor) -> Tensor:
+        knots, cum = self._table(t)
+        return _interp(t.to(torch.float64).clamp(0, self.T), knots, cum).to(t.dtype)
+
+    def icdf(self, u: Tensor) -> Tensor:
+        knots, cum = self._table(u)
+        return _interp(u.to(torch.float64).clamp(0, 1), cum, knots).to(u.dtype)
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of increasing knots xp → fp (torch has no ``interp``)."""
+    i = torch.searchsorted(xp, x, right=True).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+
+
+class Parameterization(nn.Module, abc.ABC):
+    """Wraps a network and reads its output as the drift a, the score s or the noise ε (MATH.md §2).
+
+    Uses only the SDE's abstract interface. The network sees τ = t / T ∈ [0, 1] and scales it for
+    its own time embedding.
+    """
+
+    def __init__(self, network: nn.Module, sde: SDE):
+        super().__init__()
+        self.network = network
+        self.sde = sde
+
+    def net(self, y: Tensor, t: Tensor) -> Tensor:
+        return self.network(y, t / self.sde.T)
+
+    @abc.abstractmethod
+    def drift(self, y: Tensor, t: Tensor) -> Tensor:
+        """a(y, t), with a = g s."""
+
+    @abc.abstractmethod
+    def score(self, y: Tensor, t: Tensor) -> Tensor:
+        """s(y, t) ≈ ∇ log q_t(y)."""
+
+
+class TimeSampler(abc.ABC):
+    """Draws t ∈ [0, T] and reports its density q(t), so losses can weight by w(t) / q(t)."""
+
+    @abc.abstractmethod
+    def density(self, sde: SDE, t: Tensor) -> Tensor:
+        """q(t), shape (B,)."""
+
+    @abc.abstractmethod
+    def sample(self, sde: SDE, n: int, *, device=None, generator=None) -> tuple[Tensor, Tensor]:
+        """(t, q(t)), each of shape (n,)."""
+
+
+class Loss(abc.ABC):
+    """A per-example training loss of the composed model (MATH.md §4–5)."""
+
+    @abc.abstractmethod
+    def __call__(self, model, x: Tensor, time_sampler: TimeSampler, *, generator=None) -> Tensor:
+        """Per-example loss, shape (B,)."""
+
+
+class Sampler(abc.ABC):
+    """A reverse-time sampler: integrates the generative process from x_T at ts[0] = T down to ts[-1].
+
+    ``callback(i, t, x)`` is called with every state, the initial one included (i = 0 … len(ts) − 1).
+    """
+
+    steps: int
+
+    def time_grid(self, sde: SDE, steps: int | None = None) -> Tensor:
+        """The default grid: ``steps`` equal intervals from T down to t_ε."""
+        return time_grid(sde, steps or self.steps)
+
+    @abc.abstractmethod
+    def sample(
+        self, model, x_T: Tensor, ts: Tensor, *, generator=None, callback: Callable | None = None
+    ) -> Tensor:
+        """The final state at ts[-1]."""
+
+
+def time_grid(sde: SDE, steps: int) -> Tensor:
+    """``steps`` + 1 equally spaced times from T down to t_ε."""
+    return torch.linspace(sde.T, sde.t_eps, steps + 1, dtype=torch.float64)
+
+
+class DataTransform(abc.ABC):
+    """Maps data x to the space the model sees, z, with log|det ∂z/∂x| per example (MATH.md §5)."""
+
+    bits_offset: float = 0.0
+    """Added to bits per dimension: log₂(levels) for quantised data (8 for 8-bit images), else 0."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, *, generator=None) -> tuple[Tensor, Tensor]:
+        """(z, log|det ∂z/∂x̃|), the latter of shape (B,)."""
+
+    @abc.abstractmethod
+    def inverse(self, z: Tensor) -> Tensor:
+        """Back to data space (for showing samples)."""
+
+
+@attrs.define
+class DataBundle:
+    """What a data-set plugin returns.
+
+    ``train`` and ``test`` are tensors of examples (fast path for in-memory data) or torch Datasets
+    whose items are tensors or (tensor, label) pairs. ``log_prob``, when known, is the exact data
+    log-density in data space, reported next to the ELBO.
+    """
+
+    train: Any
+    test: Any
+    shape: tuple[int, ...]
+    transform: DataTransform
+    kind: Literal["image", "vector"] = "vector"
+    log_prob: Callable[[Tensor], Tensor] | None = None
+    train_shuffle: bool = True
