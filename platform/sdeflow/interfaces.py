@@ -204,6 +204,12 @@ class Sampler(abc.ABC):
     ) -> Tensor:
         """The final state at ts[-1]."""
 
+    def trajectory(self, model, x_T: Tensor, ts: Tensor, *, generator=None) -> tuple[Tensor, Tensor]:
+        """(final state, every state stacked: shape (len(ts), *x_T.shape), kept on the CPU)."""
+        states: list[Tensor] = []
+        x = self.sample(model, x_T, ts, generator=generator, callback=lambda i, t, s: states.append(s.cpu()))
+        return x, torch.stack(states)
+
 
 def time_grid(sde: SDE, steps: int) -> Tensor:
     """``steps`` + 1 equally spaced times from T down to t_ε."""

@@ -1,0 +1,272 @@
+"""Experiment configs: YAML files with dotted overrides, checked in full before anything runs.
+
+Run settings are attrs classes; each component section is ``{name: <registered name>, **arguments}``
+and is checked against the registered factory's own signature. Every error is one line naming the
+file, the dotted key, the value given and what is accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import yaml
+
+from . import hookspecs
+from .errors import ConfigError, InvalidArgument, did_you_mean
+from .registry import Component, Registry, default_registry
+from .schema import TypeMismatch, check_arguments, coerce, type_name
+
+
+@attrs.define(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-4
+    ema: float = 0.999
+    ema_warmup: bool = True
+    grad_clip: float | None = None
+    log_every: int = 100
+    eval_every: int = 0
+    sample_every: int = 0
+    checkpoint_every: int = 1000
+    compile: bool = False
+    channels_last: bool = False
+    num_workers: int = 0
+
+
+@attrs.define(kw_only=True)
+class EvalConfig:
+    max_examples: int | None = None
+    batch_size: int = 256
+    samples_per_example: int = 1
+    probe: Literal["rademacher", "gaussian", "exact"] = "rademacher"
+    time_sampler: str = "uniform"
+    estimator: Literal["elbo", "ode", "both"] = "elbo"
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+    ode_method: str = "dopri5"
+
+
+@attrs.define(kw_only=True)
+class SampleConfig:
+    num: int = 64
+    steps: int | None = None
+    lam: float | None = None
+    trajectories: bool = False
+
+
+@attrs.define(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+SECTIONS = {"train": TrainConfig, "eval": EvalConfig, "sample": SampleConfig, "logging": LoggingConfig}
+COMPONENT_DEFAULTS: dict[str, dict[str, Any] | None] = {
+    "data": None,
+    "sde": {"name": "vp"},
+    "network": None,
+    "parameterization": {"name": "drift"},
+    "loss": {"name": "dsm"},
+    "time_sampler": {"name": "uniform"},
+    "sampler": {"name": "euler_maruyama"},
+}
+TOP_LEVEL = {
+    "name": str,
+    "seed": int,
+    "device": Literal["auto", "cpu", "cuda"],
+    "precision": Literal["fp32", "bf16"],
+    "ablations": list,
+    "sweep": dict,
+}
+
+
+@attrs.define(kw_only=True)
+class Experiment:
+    """A fully checked experiment: run settings plus one ``{name, **args}`` spec per component kind."""
+
+    name: str
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    components: dict[str, dict[str, Any]]
+    train: TrainConfig = attrs.Factory(TrainConfig)
+    eval: EvalConfig = attrs.Factory(EvalConfig)
+    sample: SampleConfig = attrs.Factory(SampleConfig)
+    logging: LoggingConfig = attrs.Factory(LoggingConfig)
+    ablations: list = attrs.Factory(list)
+    sweep: dict = attrs.Factory(dict)
+    source: str = "<config>"
+
+    def args(self, kind: str) -> dict[str, Any]:
+        """The keyword arguments of a component (its spec without ``name``)."""
+        return {k: v for k, v in self.components[kind].items() if k != "name"}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "seed": self.seed, "device": self.device,
+                               "precision": self.precision}
+        out.update({kind: _plain(spec) for kind, spec in self.components.items()})
+        out.update({key: _plain(attrs.asdict(getattr(self, key))) for key in SECTIONS})
+        if self.ablations:
+            out["ablations"] = _plain(self.ablations)
+        if self.sweep:
+            out["sweep"] = _plain(self.sweep)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """YAML-friendly copy: tuples become lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``; a missing file or malformed YAML is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read experiment file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str, source: str = "command line") -> tuple[str, Any]:
+    """``a.b.c=value`` → ("a.b.c", value), the value read as YAML (``10``, ``1.0e-3``, ``[1, 2]``, ``null``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"{source}: override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A copy of ``data`` with each dotted key set; intermediate sections are created as needed."""
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])}: is {child!r}, cannot set {dotted}")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_experiment(
+    path: str | Path,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    registry: Registry | None = None,
+) -> Experiment:
+    """Read, override and check an experiment file (nothing is built, no data is loaded)."""
+    data = read_yaml(path)
+    if not isinstance(overrides, Mapping):
+        overrides = dict(parse_override(o, str(path)) for o in overrides)
+    data = apply_overrides(data, overrides, str(path))
+    return structure(data, str(path), registry or default_registry(), default_name=Path(path).stem)
+
+
+def structure(
+    data: Mapping[str, Any], source: str, registry: Registry, default_name: str = "experiment"
+) -> Experiment:
+    """Check a config mapping and return the :class:`Experiment`; ``source`` names it in errors."""
+    known = set(TOP_LEVEL) | set(SECTIONS) | set(COMPONENT_DEFAULTS)
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{source}: {key}: unknown section{did_you_mean(str(key), known)}; "
+                              f"accepted: {', '.join(sorted(known))}")
+    top = {key: _check_value(source, key, data[key], kind) for key, kind in TOP_LEVEL.items() if key in data}
+    top.setdefault("name", default_name)
+    sections = {key: _structure_section(data.get(key), cls, source, key) for key, cls in SECTIONS.items()}
+    components = {kind: check_component(registry, kind, data.get(kind), source)
+                  for kind in COMPONENT_DEFAULTS}
+    return Experiment(components=components, source=source, **top, **sections)
+
+
+def _check_value(source: str, key: str, value: Any, annotation: Any) -> Any:
+    try:
+        return coerce(value, annotation)
+    except TypeMismatch as e:
+        raise ConfigError(f"{source}: {key}: expected {e.expected}, got {value!r}") from None
+
+
+def _structure_section(value: Any, cls: type, source: str, key: str) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: {key}: expected a mapping of settings, got {value!r}")
+    fields = {f.name: f for f in attrs.fields(attrs.resolve_types(cls))}
+    accepted = ", ".join(f"{f.name}: {type_name(f.type)}" for f in fields.values())
+    checked = {}
+    for name, item in value.items():
+        if name not in fields:
+            raise ConfigError(f"{source}: {key}.{name}: unknown setting{did_you_mean(str(name), fields)}; "
+                              f"accepted: {accepted}")
+        checked[name] = _check_value(source, f"{key}.{name}", item, fields[name].type)
+    return cls(**checked)
+
+
+def check_component(registry: Registry, kind: str, spec: Any, source: str) -> dict[str, Any]:
+    """Check a ``{name, **args}`` spec against the registered factory; returns the checked spec."""
+    if spec is None:
+        spec = COMPONENT_DEFAULTS[kind]
+        if spec is None:
+            raise ConfigError(f"{source}: {kind}: missing section; expected {{name: <one of "
+                              f"{', '.join(registry.names(kind)) or 'no registered ' + kind}>, ...}}")
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise ConfigError(f"{source}: {kind}.name: expected the name of a registered {kind} "
+                          f"({', '.join(registry.names(kind))}), got {spec!r}")
+    component = registry.get(kind, spec["name"], where=f"{source}: {kind}.name")
+    args = {k: v for k, v in spec.items() if k != "name"}
+    checked = check_arguments(args, component.arguments, f"{source}: {kind}", f"{kind} '{spec['name']}'")
+    return {"name": spec["name"], **checked}
+
+
+def build_component(registry: Registry, exp: Experiment, kind: str, **injected: Any) -> Any:
+    """Instantiate the component of ``kind``; a value the factory rejects names its dotted key."""
+    component: Component = registry.get(kind, exp.components[kind]["name"])
+    try:
+        return component.factory(**injected, **exp.args(kind))
+    except InvalidArgument as e:
+        raise ConfigError(f"{exp.source}: {kind}.{e.argument}: {e.message}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{exp.source}: {kind} '{component.name}': {e}") from None
+
+
+def plugin_versions(registry: Registry, exp: Experiment) -> dict[str, dict[str, Any]]:
+    """Which plugin (and distribution version) supplied each component of the experiment."""
+    out = {}
+    for kind in hookspecs.KINDS:
+        c = registry.get(kind, exp.components[kind]["name"])
+        out[kind] = {"name": c.name, "plugin": c.plugin.name, "distribution": c.plugin.distribution,
+                     "version": c.plugin.version}
+    return out

@@ -1,0 +1,57 @@
+"""Training losses: denoising score matching and the negative ELBO (MATH.md §4–5)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sdeflow.elbo import check_probe, elbo
+from sdeflow.errors import require
+from sdeflow.hookspecs import hookimpl
+from sdeflow.interfaces import Loss, TimeSampler, bcast, flat_sum
+
+
+def dsm_per_time(model, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """ℓ(x, t) = ½ ‖a(y, t) σ(t)/g(t) + ε‖², y = m(t) x + σ(t) ε (MATH.md §4)."""
+    sde = model.sde
+    y = sde.marginal_sample(x, t, eps)
+    a = model.a(y, t)
+    return 0.5 * flat_sum((a * bcast(sde.sigma(t) / sde.g(t), x) + eps) ** 2)
+
+
+class DSM(Loss):
+    """Denoising score matching, (w(t)/q(t)) ℓ(x, t) with w = 1 (``sigma2``) or g²/σ² truncated below t_ε
+    (``likelihood``), so every time sampler estimates the same objective without bias (MATH.md §4)."""
+
+    def __init__(self, weighting: Literal["sigma2", "likelihood"] = "sigma2"):
+        require(weighting in ("sigma2", "likelihood"), "weighting", "must be 'sigma2' or 'likelihood'")
+        self.weighting = weighting
+
+    def weight(self, sde, t: Tensor) -> Tensor:
+        return torch.ones_like(t) if self.weighting == "sigma2" else sde.truncated_likelihood_weight(t)
+
+    def __call__(self, model, x: Tensor, time_sampler: TimeSampler, *, generator=None) -> Tensor:
+        t, q = time_sampler.sample(model.sde, x.shape[0], device=x.device, generator=generator)
+        t, q = t.to(x.dtype), q.to(x.dtype)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.weight(model.sde, t) / q * dsm_per_time(model, x, t, eps)
+
+
+class NegativeELBO(Loss):
+    """−ELBO(x) of the plug-in reverse SDE as a training loss (MATH.md §5), Hutchinson divergence."""
+
+    def __init__(self, probe: Literal["rademacher", "gaussian"] = "rademacher"):
+        check_probe(probe)
+        require(probe != "exact", "probe", "exact divergence is for evaluation, not training")
+        self.probe = probe
+
+    def __call__(self, model, x: Tensor, time_sampler: TimeSampler, *, generator=None) -> Tensor:
+        return -elbo(model, x, time_sampler, probe=self.probe, generator=generator, create_graph=True)
+
+
+@hookimpl
+def sdeflow_register_losses(register):
+    register("dsm", DSM)
+    register("elbo", NegativeELBO)
