@@ -1,0 +1,289 @@
+"""Built-in data sets: a 2-D Swiss roll, an N-D Gaussian with a known density, MNIST and CIFAR-10.
+
+Each factory returns a :class:`sdeflow.interfaces.DataBundle`. Toy data are generated in memory from
+``seed`` (train and test from independent streams, so the test set does not change with ``n``);
+images come from torchvision's own classes as x ∈ {0..255}/255 and are dequantized by the kernel's
+:class:`~sdeflow.transforms.Dequantize`, so bits per dimension are computed the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import torch
+from sdeflow.errors import DataError, require
+from sdeflow.hookspecs import hookimpl
+from sdeflow.interfaces import DataBundle
+from sdeflow.transforms import Dequantize, Identity
+from torch import Tensor
+
+MNIST_FILES = tuple(
+    f"MNIST/raw/{split}-{part}-ubyte"
+    for split in ("train", "t10k")
+    for part in ("images-idx3", "labels-idx1")
+)
+"""What torchvision's MNIST reads, relative to ``root``."""
+
+CIFAR10_FILES = tuple(
+    f"cifar-10-batches-py/{name}"
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+)
+"""What torchvision's CIFAR10 reads, relative to ``root``."""
+
+DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
+"""torchvision opens URLs without a timeout; without one a download behind a silent firewall hangs."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Toy data
+
+
+def _streams(seed: int) -> tuple[torch.Generator, torch.Generator, torch.Generator]:
+    """Independent generators for (parameters, train split, test split), all derived from ``seed``."""
+    root = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(2**62, (3,), generator=root).tolist()
+    params, train, test = (torch.Generator().manual_seed(s) for s in seeds)
+    return params, train, test
+
+
+def _check_sizes(n: int, n_test: int) -> None:
+    require(n > 0, "n", f"must be positive, got {n}")
+    require(n_test > 0, "n_test", f"must be positive, got {n_test}")
+
+
+def swissroll_points(n: int, noise: float, scale: float, generator: torch.Generator) -> Tensor:
+    """(n, 2) points: t = 1.5π(1 + 2u), (t cos t, t sin t) + noise·ε, times ``scale``."""
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
+    roll = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)
+    return scale * (roll + noise * torch.randn(n, 2, generator=generator))
+
+
+def swissroll(
+    n: int = 20000, n_test: int = 2000, noise: float = 0.5, scale: float = 0.2, seed: int = 0
+) -> DataBundle:
+    """2-D Swiss roll (scikit-learn's make_swiss_roll in the x–z plane); scale 0.2 is the reference's /5."""
+    _check_sizes(n, n_test)
+    require(noise >= 0, "noise", f"must be non-negative, got {noise}")
+    require(scale > 0, "scale", f"must be positive, got {scale}")
+    _, train_gen, test_gen = _streams(seed)
+    return DataBundle(
+        train=swissroll_points(n, noise, scale, train_gen),
+        test=swissroll_points(n_test, noise, scale, test_gen),
+        shape=(2,),
+        transform=Identity(),
+        kind="vector",
+    )
+
+
+class GaussianDensity:
+    """N(μ₀, Σ₀) in closed form: the exact data log-density, and the score of the diffused marginal.
+
+    For data x ~ N(μ₀, Σ₀) and Y_t | x ~ N(m x, σ² I), Y_t ~ N(m μ₀, m² Σ₀ + σ² I) (MATH.md §5): the
+    oracle that tests of losses, samplers and the ELBO compare against. ``mean`` and ``cov`` are
+    float64; results come back in the input's dtype.
+    """
+
+    def __init__(self, mean: Tensor, cov: Tensor):
+        self.mean = mean.to(torch.float64)
+        self.cov = cov.to(torch.float64)
+        # Σ₀ = Q diag(λ) Qᵀ makes m² Σ₀ + σ² I diagonal in the same basis for every (m, σ).
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.cov)
+
+    @property
+    def dim(self) -> int:
+        return self.mean.numel()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """log N(x; μ₀, Σ₀) per example, shape (B,)."""
+        normal = torch.distributions.MultivariateNormal(
+            self.mean.to(x.device), covariance_matrix=self.cov.to(x.device)
+        )
+        return normal.log_prob(x.to(torch.float64)).to(x.dtype)
+
+    def _whiten(self, y: Tensor, m: float | Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """Coordinates of y − m μ₀ in the eigenbasis, and the per-axis variances m² λ + σ²."""
+        y64 = y.to(torch.float64)
+        m = torch.as_tensor(m, dtype=torch.float64, device=y.device).reshape(-1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).reshape(-1, 1)
+        Q = self.eigenvectors.to(y.device)
+        coords = (y64 - m * self.mean.to(y.device)) @ Q
+        return coords, m**2 * self.eigenvalues.to(y.device) + sigma**2
+
+    def marginal_log_prob(self, y: Tensor, m: float | Tensor = 1.0, sigma: float | Tensor = 0.0) -> Tensor:
+        """log N(y; m μ₀, m² Σ₀ + σ² I) per example; m and σ are numbers or per-example (B,) tensors."""
+        coords, variances = self._whiten(y, m, sigma)
+        quadratic = (coords**2 / variances).sum(dim=1)
+        log_det = torch.log(variances).sum(dim=1)
+        return (-0.5 * (quadratic + log_det + self.dim * math.log(2 * math.pi))).to(y.dtype)
+
+    def score(self, y: Tensor, m: float | Tensor = 1.0, sigma: float | Tensor = 0.0) -> Tensor:
+        """∇_y log N(y; m μ₀, m² Σ₀ + σ² I) = −(m² Σ₀ + σ² I)⁻¹ (y − m μ₀)."""
+        coords, variances = self._whiten(y, m, sigma)
+        return (-(coords / variances) @ self.eigenvectors.to(y.device).T).to(y.dtype)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n float32 draws from N(μ₀, Σ₀)."""
+        eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        root = self.eigenvectors * self.eigenvalues.clamp(min=0).sqrt()
+        return (self.mean + eps @ root.T).float()
+
+
+def random_rotation(dim: int, generator: torch.Generator) -> Tensor:
+    """A Haar-random orthogonal matrix (QR of a Gaussian matrix, with R's diagonal made positive)."""
+    Q, R = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    return Q * torch.sign(torch.diagonal(R))
+
+
+def _axis_values(value: float | Sequence[float] | None, dim: int, name: str, drawn: Tensor) -> Tensor:
+    """A per-axis vector from a number (every axis), a sequence of ``dim`` numbers, or None (``drawn``)."""
+    if value is None:
+        return drawn
+    if isinstance(value, (int, float)):
+        return torch.full((dim,), float(value), dtype=torch.float64)
+    require(len(value) == dim, name, f"needs {dim} values (dim), got {len(value)}")
+    return torch.tensor([float(v) for v in value], dtype=torch.float64)
+
+
+def gaussian(
+    dim: int = 2,
+    n: int = 20000,
+    n_test: int = 2000,
+    mean: float | tuple[float, ...] | None = None,
+    std: float = 1.0,
+    scales: tuple[float, ...] | None = None,
+    rotate: bool = True,
+    seed: int = 0,
+) -> DataBundle:
+    """N-D Gaussian N(μ₀, R diag(scales²) Rᵀ) with its exact log-density; drawn from ``seed`` when unset.
+
+    ``mean`` None draws each coordinate from U[−std, std]; ``scales`` None draws them from
+    U[0.5 std, 1.5 std]; ``rotate`` applies a random rotation R, so the covariance is not diagonal.
+    """
+    require(dim > 0, "dim", f"must be positive, got {dim}")
+    _check_sizes(n, n_test)
+    require(std > 0, "std", f"must be positive, got {std}")
+    params, train_gen, test_gen = _streams(seed)
+    # Always drawn, so that setting the mean or the scales leaves the rotation unchanged.
+    u_mean, u_scale = torch.rand(2, dim, generator=params, dtype=torch.float64)
+    mu = _axis_values(mean, dim, "mean", std * (2 * u_mean - 1))
+    axis_std = _axis_values(scales, dim, "scales", std * (0.5 + u_scale))
+    require(bool((axis_std > 0).all()), "scales", f"must all be positive, got {axis_std.tolist()}")
+    R = random_rotation(dim, params) if rotate else torch.eye(dim, dtype=torch.float64)
+    density = GaussianDensity(mu, (R * axis_std**2) @ R.T)
+    return DataBundle(
+        train=density.sample(n, generator=train_gen),
+        test=density.sample(n_test, generator=test_gen),
+        shape=(dim,),
+        transform=Identity(),
+        kind="vector",
+        log_prob=density,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images
+
+
+def missing_files(root: str, files: Sequence[str]) -> list[str]:
+    """The entries of ``files`` (relative to ``root``) that are not there."""
+    return [f for f in files if not os.path.isfile(os.path.join(root, f))]
+
+
+def _describe(files: Sequence[str]) -> str:
+    folder = os.path.dirname(files[0])
+    return f"{folder}/ holding {', '.join(os.path.basename(f) for f in files)}"
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _ensure_present(
+    name: str, root: str, files: Sequence[str], download: bool, fetch: Callable[[], object]
+) -> None:
+    """Return once every file is in ``root``: download if allowed, else raise a one-line DataError."""
+    missing = missing_files(root, files)
+    if not missing:
+        return
+    where = os.path.abspath(root)
+    expected = f"expected {_describe(files)}"
+    if len(missing) < len(files):
+        expected += f" (missing {', '.join(os.path.basename(f) for f in missing)})"
+    if not download:
+        raise DataError(f"{name} not found in {where}: {expected}; set data.root or download: true")
+    try:
+        with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+            fetch()
+    except Exception as e:  # no network, a moved mirror, a full disk: all the user's to fix
+        raise DataError(
+            f"{name} not found in {where} and the download failed ({_one_line(e)}): {expected}; "
+            "set data.root to a folder holding them"
+        ) from None
+    still = missing_files(root, files)
+    if still:
+        raise DataError(f"{name} download into {where} did not produce {', '.join(still)}")
+
+
+def _open(name: str, root: str, make: Callable[[], object]):
+    """Build a torchvision data set whose files are known to exist; a failure means they are bad."""
+    try:
+        return make()
+    except Exception as e:  # torchvision raises RuntimeError, pickle, assertion or value errors alike
+        raise DataError(
+            f"{name} in {os.path.abspath(root)} is unreadable or corrupted ({_one_line(e)}); "
+            "delete it and download again"
+        ) from None
+
+
+def mnist(root: str = "data", download: bool = True, logit_alpha: float | None = 0.05) -> DataBundle:
+    """MNIST (torchvision): 1×28×28 images dequantized, then logit(α + (1 − 2α)x̃) unless α is null."""
+    from torchvision import datasets, transforms
+
+    transform = Dequantize(logit_alpha)  # validates α before any disk or network access
+    root = os.path.expanduser(root)
+    _ensure_present("MNIST", root, MNIST_FILES, download, partial(datasets.MNIST, root, download=True))
+    to_tensor = transforms.ToTensor()
+    train = _open("MNIST", root, lambda: datasets.MNIST(root, train=True, transform=to_tensor))
+    test = _open("MNIST", root, lambda: datasets.MNIST(root, train=False, transform=to_tensor))
+    return DataBundle(train, test, shape=(1, 28, 28), transform=transform, kind="image", train_shuffle=True)
+
+
+def cifar10(
+    root: str = "data", download: bool = True, logit_alpha: float | None = 0.05, hflip: bool = True
+) -> DataBundle:
+    """CIFAR-10 (torchvision): 3×32×32 images; random horizontal flips on the train split only."""
+    from torchvision import datasets, transforms
+
+    transform = Dequantize(logit_alpha)
+    root = os.path.expanduser(root)
+    _ensure_present("CIFAR-10", root, CIFAR10_FILES, download, partial(datasets.CIFAR10, root, download=True))
+    to_tensor = transforms.ToTensor()
+    # The reference flipped (and shuffled) the test set too; evaluation must see the data as it is.
+    train_tf = transforms.Compose([transforms.RandomHorizontalFlip(), to_tensor]) if hflip else to_tensor
+    train = _open("CIFAR-10", root, lambda: datasets.CIFAR10(root, train=True, transform=train_tf))
+    test = _open("CIFAR-10", root, lambda: datasets.CIFAR10(root, train=False, transform=to_tensor))
+    return DataBundle(train, test, shape=(3, 32, 32), transform=transform, kind="image", train_shuffle=True)
+
+
+@hookimpl
+def sdeflow_register_datasets(register) -> None:
+    register("swissroll", swissroll)
+    register("gaussian", gaussian)
+    register("mnist", mnist)
+    register("cifar10", cifar10)
