@@ -242,6 +242,8 @@ def check_component(registry: Registry, kind: str, spec: Any, source: str) -> di
                               f"{', '.join(registry.names(kind)) or 'no registered ' + kind}>, ...}}")
     if isinstance(spec, str):
         spec = {"name": spec}
+    if isinstance(spec, Mapping) and "name" not in spec and COMPONENT_DEFAULTS[kind]:
+        spec = {**COMPONENT_DEFAULTS[kind], **spec}  # `loss.weighting=...` on the default loss
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise ConfigError(f"{source}: {kind}.name: expected the name of a registered {kind} "
                           f"({', '.join(registry.names(kind))}), got {spec!r}")

@@ -96,7 +96,8 @@ class Registry:
                 f"available: {', '.join(known) or 'none'}"
             )
         if len(candidates) > 1:
-            owners = " and ".join(f"'{c.plugin.name}' ({c.plugin.distribution})" for c in candidates)
+            owners = " and ".join(f"'{c.plugin.name}'" + (f" ({c.plugin.distribution})" if c.plugin.distribution
+                                  else "") for c in candidates)
             choices = " or ".join(f"'{c.qualified_name}'" for c in candidates)
             raise ConfigError(f"{prefix}{kind} '{name}' is registered by both {owners}; write {choices}")
         return candidates[0]
@@ -128,10 +129,11 @@ def _disabled() -> set[str]:
 
 
 def _report(registry: Registry, plugin: str, reason: str, strict: bool) -> None:
+    reason = " ".join(reason.split())  # pluggy's validation messages span several lines
     if strict:
         raise PluginError(f"plugin '{plugin}' failed: {reason}")
     registry.failures[plugin] = reason
-    warnings.warn(f"sdeflow: skipping plugin '{plugin}': {reason}", stacklevel=3)
+    warnings.warn(f"sdeflow: skipping plugin '{plugin}': {reason}", stacklevel=2)
 
 
 def _entry_point_plugins(

@@ -105,7 +105,7 @@ def coerce(value: Any, annotation: Any) -> Any:
                 pass
         raise TypeMismatch(type_name(annotation))
     if origin is typing.Literal:
-        if value in args:
+        if any(value == a and type(value) is type(a) for a in args):
             return value
         raise TypeMismatch(type_name(annotation))
     if origin in (tuple, list) or annotation in (tuple, list):
@@ -125,10 +125,18 @@ def _coerce_sequence(value: Any, annotation: Any, origin: type, args: tuple) -> 
     elif origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
         if len(args) != len(value):
             raise TypeMismatch(type_name(annotation))
-        items = [coerce(v, a) for v, a in zip(value, args)]
+        items = [_item(v, a, annotation) for v, a in zip(value, args)]
     else:
-        items = [coerce(v, args[0]) for v in value]
+        items = [_item(v, args[0], annotation) for v in value]
     return tuple(items) if origin is tuple else items
+
+
+def _item(value: Any, annotation: Any, container: Any) -> Any:
+    """Coerce one element; a mismatch reports the whole container's type."""
+    try:
+        return coerce(value, annotation)
+    except TypeMismatch:
+        raise TypeMismatch(type_name(container)) from None
 
 
 def _coerce_scalar(value: Any, annotation: Any) -> Any:
@@ -174,7 +182,7 @@ def check_arguments(
     for key, value in given.items():
         if key not in schema:
             raise ConfigError(
-                f"{where}.{key}: unknown argument for {what}{did_you_mean(key, schema)}; accepted: {accepted}"
+                f"{where}.{key}: unknown argument for {what}{did_you_mean(str(key), schema)}; accepted: {accepted}"
             )
         try:
             checked[key] = coerce(value, schema[key].annotation)

@@ -1,0 +1,66 @@
+"""Compose an experiment's components from the registry: SDE, network, parameterization → model."""
+
+from __future__ import annotations
+
+import attrs
+
+from .config import Experiment, build_component
+from .errors import ConfigError
+from .interfaces import SDE, DataBundle, Loss, Sampler, TimeSampler
+from .model import DiffusionModel
+from .registry import Registry, default_registry
+
+
+@attrs.define
+class Parts:
+    """The SDE and the stateless components of an experiment (cheap to build, no data needed)."""
+
+    sde: SDE
+    time_sampler: TimeSampler
+    loss: Loss
+    sampler: Sampler
+    eval_time_sampler: TimeSampler
+
+
+def build_parts(exp: Experiment, registry: Registry | None = None) -> Parts:
+    """Build everything that needs neither data nor weights; bad argument values fail here."""
+    registry = registry or default_registry()
+    eval_ts = registry.get("time_sampler", exp.eval.time_sampler, where=f"{exp.source}: eval.time_sampler")
+    return Parts(
+        sde=build_component(registry, exp, "sde"),
+        time_sampler=build_component(registry, exp, "time_sampler"),
+        loss=build_component(registry, exp, "loss"),
+        sampler=build_component(registry, exp, "sampler"),
+        eval_time_sampler=eval_ts.factory(),
+    )
+
+
+def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts:
+    """Every check ``train`` makes before loading data: names, arguments, values, run settings."""
+    parts = build_parts(exp, registry)
+    t = exp.train
+    for key, value in [("steps", t.steps), ("batch_size", t.batch_size), ("eval.batch_size", exp.eval.batch_size),
+                       ("eval.samples_per_example", exp.eval.samples_per_example), ("sample.num", exp.sample.num)]:
+        if value < 1:
+            name = key if "." in key else f"train.{key}"
+            raise ConfigError(f"{exp.source}: {name}: must be at least 1, got {value}")
+    if not (t.lr > 0):
+        raise ConfigError(f"{exp.source}: train.lr: must be positive, got {t.lr}")
+    if not (0 <= t.ema < 1):
+        raise ConfigError(f"{exp.source}: train.ema: must be in [0, 1), got {t.ema}")
+    if exp.sample.lam is not None and not 0 <= exp.sample.lam <= 1:
+        raise ConfigError(f"{exp.source}: sample.lam: must be in [0, 1], got {exp.sample.lam}")
+    return parts
+
+
+def build_data(exp: Experiment, registry: Registry | None = None) -> DataBundle:
+    return build_component(registry or default_registry(), exp, "data")
+
+
+def build_model(exp: Experiment, sde: SDE, data_shape: tuple[int, ...], registry: Registry | None = None
+                ) -> DiffusionModel:
+    """network(data_shape) → parameterization(network, sde) → model."""
+    registry = registry or default_registry()
+    network = build_component(registry, exp, "network", data_shape=tuple(data_shape))
+    parameterization = build_component(registry, exp, "parameterization", network=network, sde=sde)
+    return DiffusionModel(sde, parameterization)

@@ -1,0 +1,65 @@
+"""Pictures of samples: PNG grids for images, scatter plots and λ-family trajectories for 2-D data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_samples(x: Tensor, kind: str, path: str | Path, title: str = "") -> Path:
+    """Images → a PNG grid; 2-D vectors → a scatter plot; other vectors → the first two coordinates."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = x.detach().cpu().float()
+    if kind == "image":
+        from torchvision.utils import save_image
+
+        save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(x.shape[0]))))
+        return path
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 64) -> Path:
+    """One panel per label (e.g. λ = 0, λ = 1): each 2-D path drawn from the prior to the data
+    (the paper's Figure 5). ``paths[label]`` has shape (states, N, 2)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(paths), figsize=(4 * len(paths), 4), squeeze=False)
+    for ax, (label, traj) in zip(axes[0], paths.items()):
+        traj = traj.float()
+        ax.plot(traj[:, :show, 0], traj[:, :show, 1], lw=0.5, alpha=0.6)
+        ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=2, c="k", alpha=0.5)
+        ax.set_title(label)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def image_for_tensorboard(path: str | Path) -> Tensor:
+    """A saved PNG as a (3, H, W) float tensor, to log the exact picture that was written."""
+    from torchvision.io import ImageReadMode, read_image
+
+    return read_image(str(path), mode=ImageReadMode.RGB).float() / 255

@@ -1,0 +1,289 @@
+"""Training: Adam + EMA, periodic evaluation, samples and atomic checkpoints, exact resume.
+
+Every random draw of training step k comes from a seed that is a function of (seed, rank, k), and the
+batch of step k is a function of (seed, k): a resumed run repeats the uninterrupted one exactly (on
+CPU), and ranks draw different noise while holding identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load, rng_state, save_atomic, set_rng_state
+from .config import Experiment, load_experiment, plugin_versions
+from .data import train_batches
+from .distributed import DistContext, init_from_env, shutdown
+from .errors import SdeflowError
+from .evaluate import format_results, write_eval
+from .figures import image_for_tensorboard
+from .runlog import RunLog, flatten, truncate_metrics
+from .runs import CONFIG_FILE, Run, build_run, dump_config, read_run_config, resolve_device
+
+
+class TrainingDiverged(SdeflowError):
+    """The loss became NaN or infinite."""
+
+
+def notice(message: str) -> None:
+    print(f"sdeflow: {message}", file=sys.stderr)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+@contextlib.contextmanager
+def unwrapped(run: Run, raw_network: torch.nn.Module):
+    """Temporarily put the plain network back (state dicts without DDP/compile prefixes)."""
+    parameterization = run.model.parameterization
+    wrapped = parameterization.network
+    parameterization.network = raw_network
+    try:
+        yield
+    finally:
+        parameterization.network = wrapped
+
+
+class Trainer:
+    """Owns the optimisation state of one run folder."""
+
+    def __init__(self, run: Run, *, restart: bool = False):
+        self.run, self.exp, self.ctx = run, run.exp, run.ctx
+        cfg = self.exp.train
+        self.optimizer = torch.optim.Adam(run.model.parameters(), lr=cfg.lr)
+        self.step = 0
+        self.raw_network = run.model.parameterization.network
+        self.autocast = self._autocast()
+        self._prepare_folder(restart)
+        if self.exp.train.channels_last and run.data.kind == "image":
+            run.model.to(memory_format=torch.channels_last)
+            run.ema.to(memory_format=torch.channels_last)
+        run.model.parameterization.network = self._wrap(self.raw_network)
+        self.log = self._open_log() if self.ctx.is_main else None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _autocast(self):
+        if self.exp.precision == "bf16":
+            if self.run.device.type == "cuda" and torch.cuda.is_bf16_supported():
+                return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.ctx.is_main:
+                notice("precision bf16 needs a CUDA device with bf16 support; training in fp32")
+        return contextlib.nullcontext
+
+    def _wrap(self, network: torch.nn.Module) -> torch.nn.Module:
+        network = self.ctx.wrap(network)
+        if self.exp.train.compile:
+            try:
+                network = torch.compile(network)
+            except Exception as e:  # no compiler backend here: stay eager, say so once
+                if self.ctx.is_main:
+                    notice(f"train.compile unavailable ({type(e).__name__}: {e}); running eagerly")
+        return network
+
+    def _prepare_folder(self, restart: bool) -> None:
+        run_dir, ckpt = self.run.run_dir, self.run.checkpoint_path
+        if self.ctx.is_main and restart and run_dir.exists():
+            backup = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(run_dir), backup)
+            notice(f"--restart: moved the previous run to {backup}")
+        self.ctx.barrier()
+        if ckpt.exists():
+            self._check_same_experiment()
+            self._resume(load(ckpt, map_location=self.run.device))
+        if self.ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            plugins = plugin_versions(self.run.registry, self.exp)
+            (run_dir / CONFIG_FILE).write_text(dump_config(self.exp, plugins))
+
+    def _check_same_experiment(self) -> None:
+        """Resuming with other components would load weights into the wrong model: refuse."""
+        old = read_run_config(self.run.run_dir)
+        new = self.exp.to_dict()
+        for kind in self.exp.components:
+            if old.get(kind) != new.get(kind):
+                raise SdeflowError(
+                    f"{self.run.run_dir}: holds a run with a different {kind} ({old.get(kind)} vs "
+                    f"{new.get(kind)}); use --restart or another --run-dir")
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        self.run.model.load_state_dict(state["model"])
+        self.run.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        set_rng_state(state["rng"])
+        if self.ctx.is_main:
+            truncate_metrics(self.run.run_dir, self.step)
+            notice(f"resuming {self.run.run_dir} from step {self.step}")
+
+    def _open_log(self) -> RunLog:
+        log = RunLog(self.run.run_dir, tensorboard=self.exp.logging.tensorboard, purge_step=self.step + 1)
+        if self.step == 0:
+            log.config(self.exp.to_dict())
+        return log
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        with unwrapped(self.run, self.raw_network):
+            model = self.run.model.state_dict()
+        return {"model": model, "ema": self.run.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "rng": rng_state(), "config": self.exp.to_dict()}
+
+    def save(self) -> None:
+        if self.ctx.is_main:
+            save_atomic(self.state_dict(), self.run.checkpoint_path)
+        self.ctx.barrier()
+
+    # ------------------------------------------------------------------ the loop
+
+    def ema_decay(self) -> float:
+        """The EMA decay after ``self.step`` updates, warmed up so a short run is not stale."""
+        cfg = self.exp.train
+        return min(cfg.ema, (1 + self.step) / (10 + self.step)) if cfg.ema_warmup else cfg.ema
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        cfg = self.exp.train
+        ema_params = list(self.run.ema.parameters())
+        params = [p.detach() for p in self.run.model.parameters()]
+        if cfg.ema == 0:
+            torch._foreach_copy_(ema_params, params)
+        else:
+            torch._foreach_lerp_(ema_params, params, 1 - self.ema_decay())
+        for b_ema, b in zip(self.run.ema.buffers(), self.run.model.buffers()):
+            b_ema.copy_(b)
+
+    def train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on this rank's shard; returns the (detached) mean loss."""
+        run, cfg = self.run, self.exp.train
+        z, _ = run.data.transform.forward(x)
+        if cfg.channels_last and z.ndim == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            loss = run.parts.loss(run.model, z, run.parts.time_sampler).float().mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.update_ema()
+        return loss.detach()
+
+    def fit(self) -> dict[str, Any]:
+        cfg, run = self.exp.train, self.run
+        if self.step >= cfg.steps:
+            if self.ctx.is_main:
+                notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps})")
+            return self.finish(trained=False)
+        batches = train_batches(run.data.train, cfg.batch_size, self.exp.seed, self.step, cfg.steps,
+                                shuffle=run.data.train_shuffle, shard=self.ctx.shard,
+                                num_workers=cfg.num_workers)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.ctx.is_main and self.exp.logging.progress),
+                   dynamic_ncols=True, desc=self.exp.name)
+        run.model.train()
+        window_loss, window_start, window_steps = torch.zeros((), device=run.device), time.perf_counter(), 0
+        for x in batches:
+            torch.manual_seed(step_seed(self.exp.seed, self.ctx.rank, self.step))
+            loss = self.train_step(x.to(run.device, non_blocking=True))
+            window_loss += loss
+            self.step += 1
+            window_steps += 1
+            bar.update(1)
+            if self._due(cfg.log_every) or self._due(cfg.checkpoint_every) or self._due(cfg.eval_every):
+                mean = self._check_finite(window_loss / window_steps)
+                rate = window_steps / (time.perf_counter() - window_start)
+                bar.set_postfix(loss=f"{mean:.4g}", it_s=f"{rate:.1f}")
+                if self._due(cfg.log_every) and self.log:
+                    self.log.log(self.step, loss=mean, lr=self.optimizer.param_groups[0]["lr"], it_per_s=rate)
+                window_loss.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            self.periodic()
+        bar.close()
+        if window_steps:
+            self._check_finite(window_loss / window_steps)
+        return self.finish(trained=True)
+
+    def _due(self, every: int) -> bool:
+        return bool(every) and (self.step % every == 0 or self.step == self.exp.train.steps)
+
+    def _check_finite(self, mean_loss: torch.Tensor) -> float:
+        if self.ctx.any(~torch.isfinite(mean_loss)):
+            ckpt = self.run.checkpoint_path
+            kept = f"last good checkpoint kept at {ckpt}" if ckpt.exists() else "no checkpoint was written"
+            raise TrainingDiverged(f"non-finite loss at or before step {self.step}; stopping ({kept}); "
+                                   f"try a lower train.lr or train.grad_clip")
+        return float(mean_loss)
+
+    def periodic(self) -> None:
+        cfg = self.exp.train
+        final = self.step == cfg.steps
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and not final:
+            self.evaluate()
+        if cfg.sample_every and self.step % cfg.sample_every == 0 and not final:
+            self.samples()
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not final:
+            self.save()
+
+    def evaluate(self) -> dict[str, Any]:
+        results = self.run.evaluate()
+        if self.log:
+            main = results.get("elbo") or next(iter(results.values()))
+            extra = {"exact_bpd": results["exact"]["bpd"]} if "exact" in results else {}
+            self.log.log(self.step, bpd=main["bpd"], bpd_se=main["bpd_se"], elbo=-main["nats"], **extra)
+        self.run.model.train()
+        return results
+
+    def samples(self) -> None:
+        if not self.ctx.is_main:
+            return
+        path = self.run.run_dir / "samples" / f"step_{self.step:07d}.png"
+        self.run.save_samples(path, num=self.exp.sample.num, steps=self.exp.sample.steps,
+                              lam=self.exp.sample.lam, seed=self.exp.seed)
+        if self.log:
+            self.log.image("samples", image_for_tensorboard(path), self.step)
+        if self.exp.sample.trajectories and self.run.data.kind == "vector" and self.run.data.shape == (2,):
+            self.run.save_trajectories(self.run.run_dir / "samples" / "trajectories.png",
+                                       num=self.exp.sample.num, steps=self.exp.sample.steps, seed=self.exp.seed)
+        self.run.model.train()
+
+    def finish(self, trained: bool) -> dict[str, Any]:
+        if trained:
+            self.save()
+        results = self.evaluate()
+        self.samples()
+        if self.ctx.is_main:
+            write_eval(self.run.run_dir, results, {"step": self.step, "split": "test"})
+            print(format_results(results, self.run.data.kind))
+            if self.log:
+                main = results.get("elbo", {})
+                self.log.hparams(flatten({k: v for k, v in self.exp.to_dict().items()
+                                          if k not in ("ablations", "sweep")}),
+                                 {"bpd": main.get("bpd", float("nan")), "bpd_se": main.get("bpd_se", float("nan"))})
+                self.log.close()
+        return results
+
+
+def train(exp: Experiment, run_dir: str | Path | None = None, *, restart: bool = False, registry=None,
+          ctx: DistContext | None = None) -> dict[str, Any]:
+    """Train ``exp`` into ``run_dir`` (default runs/<name>), resuming from its last checkpoint."""
+    run = build_run(exp, run_dir or Path("runs") / exp.name, registry=registry, ctx=ctx)
+    return Trainer(run, restart=restart).fit()
+
+
+def train_from_cli(args) -> int:
+    exp = load_experiment(args.experiment, args.overrides)
+    ctx = init_from_env(resolve_device(exp.device, exp.source))
+    try:
+        train(exp, args.run_dir, restart=args.restart, ctx=ctx)
+    finally:
+        shutdown(ctx)
+    return 0
