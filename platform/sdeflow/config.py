@@ -46,6 +46,7 @@ class EvalConfig:
     probe: Literal["rademacher", "gaussian", "exact"] = "rademacher"
     time_sampler: str = "uniform"
     estimator: Literal["elbo", "ode", "both"] = "elbo"
+    ode_t0: float = 1e-5
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
     ode_method: str = "dopri5"

@@ -57,9 +57,13 @@ class Run:
         cfg = self.exp.eval
         estimators = self.estimators(estimator or cfg.estimator, time_sampler, samples)
         self.ema.eval()
-        return evaluate(self.ema, self.data, estimators, batch_size=batch_size or cfg.batch_size,
-                        seed=self.exp.seed, device=self.device, ctx=self.ctx, split=split,
-                        max_examples=max_examples if max_examples is not None else cfg.max_examples)
+        results = evaluate(self.ema, self.data, estimators, batch_size=batch_size or cfg.batch_size,
+                           seed=self.exp.seed, device=self.device, ctx=self.ctx, split=split,
+                           max_examples=max_examples if max_examples is not None else cfg.max_examples)
+        for name, estimate in estimators.items():
+            if getattr(estimate, "nfe", None):  # ODE solves: report their cost
+                results[name]["nfe"] = sum(estimate.nfe) / len(estimate.nfe)
+        return results
 
     def estimators(self, which: str, time_sampler: str | None = None, samples: int | None = None) -> dict:
         cfg = self.exp.eval

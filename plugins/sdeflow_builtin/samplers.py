@@ -12,6 +12,7 @@ from torch import Tensor
 from sdeflow.errors import require
 from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import Sampler, bcast, flat_sum
+from sdeflow.likelihood import ode_sample
 from sdeflow.model import check_lambda
 
 
@@ -75,7 +76,30 @@ class PredictorCorrector(EulerMaruyama):
         return x
 
 
+class ODE(Sampler):
+    """The probability-flow ODE (λ = 1) with an adaptive solver from torchdiffeq (MATH.md §7).
+
+    ``steps`` sets only the grid at which states are reported (trajectories); the solver picks its own.
+    """
+
+    lam = 1.0
+
+    def __init__(self, steps: int = 100, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5):
+        require(steps >= 1, "steps", f"must be at least 1, got {steps}")
+        require(rtol > 0 and atol > 0, "rtol", "tolerances must be positive")
+        self.steps, self.method, self.rtol, self.atol = steps, method, rtol, atol
+
+    @torch.no_grad()
+    def sample(self, model, x_T: Tensor, ts: Tensor, *, generator=None, callback=None) -> Tensor:
+        states = ode_sample(model, x_T, ts, method=self.method, rtol=self.rtol, atol=self.atol)
+        if callback is not None:
+            for i, x in enumerate(states):
+                callback(i, ts[i], x)
+        return states[-1]
+
+
 @hookimpl
 def sdeflow_register_samplers(register):
     register("euler_maruyama", EulerMaruyama)
     register("pc", PredictorCorrector)
+    register("ode", ODE)
