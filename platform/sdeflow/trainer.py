@@ -60,6 +60,7 @@ class Trainer:
         cfg = self.exp.train
         self.optimizer = torch.optim.Adam(run.model.parameters(), lr=cfg.lr)
         self.step = 0
+        self.elapsed = 0.0  # seconds spent in training steps, across resumes
         self.raw_network = run.model.parameterization.network
         self.autocast = self._autocast()
         self._prepare_folder(restart)
@@ -119,6 +120,7 @@ class Trainer:
         self.run.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
         set_rng_state(state["rng"])
         if self.ctx.is_main:
             truncate_metrics(self.run.run_dir, self.step)
@@ -136,7 +138,7 @@ class Trainer:
         with unwrapped(self.run, self.raw_network):
             model = self.run.model.state_dict()
         return {"model": model, "ema": self.run.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "rng": rng_state(), "config": self.exp.to_dict()}
+                "step": self.step, "elapsed": self.elapsed, "rng": rng_state(), "config": self.exp.to_dict()}
 
     def save(self) -> None:
         if self.ctx.is_main:
@@ -200,13 +202,18 @@ class Trainer:
             bar.update(1)
             if self._due(cfg.log_every) or self._due(cfg.checkpoint_every) or self._due(cfg.eval_every):
                 mean = self._check_finite(window_loss / window_steps)
-                rate = window_steps / (time.perf_counter() - window_start)
+                seconds = time.perf_counter() - window_start
+                rate = window_steps / seconds
+                self.elapsed += seconds
                 bar.set_postfix(loss=f"{mean:.4g}", it_s=f"{rate:.1f}")
                 if self._due(cfg.log_every) and self.log:
-                    self.log.log(self.step, loss=mean, lr=self.optimizer.param_groups[0]["lr"], it_per_s=rate)
+                    self.log.log(self.step, loss=mean, lr=self.optimizer.param_groups[0]["lr"], it_per_s=rate,
+                                 elapsed_s=round(self.elapsed, 3))
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
+            paused = time.perf_counter()
             self.periodic()
+            window_start += time.perf_counter() - paused  # evaluation and saving are not training time
         bar.close()
         if window_steps:
             self._check_finite(window_loss / window_steps)
