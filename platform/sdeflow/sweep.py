@@ -53,8 +53,8 @@ def expand(data: Mapping[str, Any], source: str) -> list[Variant]:
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     variants = []
     for ablation, point in itertools.product(ablations, points):
-        suffix = ",".join(f"{k}={_label(v)}" for k, v in point.items())
-        name = ablation.name if not suffix else (suffix if ablation.name == BASE else f"{ablation.name},{suffix}")
+        suffix = "-".join(_label(v) for v in point.values())
+        name = ablation.name if not suffix else (suffix if ablation.name == BASE else f"{ablation.name}-{suffix}")
         variants.append(Variant(name, {**ablation.changes, **point}))
     names = [v.name for v in variants]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -131,16 +131,21 @@ def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def summary_rows(runs_dir: Path, changes: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per variant folder; differences to the base run with s.e. √(se² + se_base²)."""
+    """One row per variant folder; differences to the base run (``base``, else the first variant)
+    with s.e. √(se² + se_base²), treating the two test-set means as independent (conservative)."""
     folders = sorted(p for p in runs_dir.iterdir() if (p / "metrics.jsonl").exists())
     if not folders:
         raise SdeflowError(f"{runs_dir}: no variant runs found (no */metrics.jsonl)")
     changes = changes or {}
     rows = [_row(p, changes.get(p.name, {})) for p in folders]
-    rows.sort(key=lambda r: (r["variant"] != BASE, r["variant"]))
-    base = next((r for r in rows if r["variant"] == BASE), None)
+    order = list(changes)
+    rows.sort(key=lambda r: (r["variant"] != BASE, order.index(r["variant"]) if r["variant"] in order else len(order),
+                             r["variant"]))
+    base = next((r for r in rows if r["variant"] == BASE), rows[0])
     for r in rows:
-        if base and r["bpd"] is not None and base["bpd"] is not None:
+        if r is base:
+            r["delta_bpd"], r["delta_se"] = (0.0, 0.0) if r["bpd"] is not None else (None, None)
+        elif r["bpd"] is not None and base["bpd"] is not None:
             r["delta_bpd"] = r["bpd"] - base["bpd"]
             r["delta_se"] = math.sqrt(r["bpd_se"] ** 2 + base["bpd_se"] ** 2)
         else:

@@ -70,8 +70,10 @@ class PredictorCorrector(EulerMaruyama):
         for _ in range(self.corrector_steps):
             score = model.s(x, t)
             z = _randn(x, generator)
-            ratio = flat_sum(z**2).sqrt() / flat_sum(score**2).sqrt().clamp(min=1e-12)
-            step = bcast(2 * (self.snr * ratio) ** 2, x)
+            # One step size for the batch, from batch-averaged norms: a per-example ratio would blow up
+            # near modes (‖s‖ → 0) and no longer leave the target distribution invariant.
+            ratio = flat_sum(z**2).sqrt().mean() / flat_sum(score**2).sqrt().mean().clamp(min=1e-12)
+            step = 2 * (self.snr * ratio) ** 2
             x = x + step * score + (2 * step).sqrt() * z
         return x
 
