@@ -80,15 +80,34 @@ class Trainer:
                 notice("precision bf16 needs a CUDA device with bf16 support; training in fp32")
         return contextlib.nullcontext
 
-    def _wrap(self, network: torch.nn.Module) -> torch.nn.Module:
+    def _wrap(self, network: torch.nn.Module, compile: bool | None = None) -> torch.nn.Module:
         network = self.ctx.wrap(network)
-        if self.exp.train.compile:
+        self.compiled = self.exp.train.compile if compile is None else compile
+        if self.compiled:
             try:
                 network = torch.compile(network)
-            except Exception as e:  # no compiler backend here: stay eager, say so once
-                if self.ctx.is_main:
-                    notice(f"train.compile unavailable ({type(e).__name__}: {e}); running eagerly")
+            except Exception as e:  # no compiler backend at all
+                self._compile_failed(e)
         return network
+
+    def _compile_failed(self, error: Exception) -> None:
+        self.compiled = False
+        if self.ctx.is_main:
+            notice(f"train.compile unavailable here ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                   "running eagerly")
+
+    def first_step(self, x: torch.Tensor) -> torch.Tensor:
+        """The first step compiles; if compiling fails (no compiler, unsupported op), fall back to eager."""
+        if not self.compiled:
+            return self.train_step(x)
+        before = rng_state()
+        try:
+            return self.train_step(x)
+        except Exception as e:
+            self._compile_failed(e)
+            self.run.model.parameterization.network = self._wrap(self.raw_network, compile=False)
+            set_rng_state(before)  # the eager step draws the same noise the compiled one would have
+            return self.train_step(x)
 
     def _prepare_folder(self, restart: bool) -> None:
         run_dir, ckpt = self.run.run_dir, self.run.checkpoint_path
@@ -193,9 +212,11 @@ class Trainer:
                    dynamic_ncols=True, desc=self.exp.name)
         run.model.train()
         window_loss, window_start, window_steps = torch.zeros((), device=run.device), time.perf_counter(), 0
+        step = self.first_step
         for x in batches:
             torch.manual_seed(step_seed(self.exp.seed, self.ctx.rank, self.step))
-            loss = self.train_step(x.to(run.device, non_blocking=True))
+            loss = step(x.to(run.device, non_blocking=True))
+            step = self.train_step
             window_loss += loss
             self.step += 1
             window_steps += 1
