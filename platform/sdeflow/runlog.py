@@ -68,9 +68,11 @@ class RunLog:
             self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
 
     def close(self) -> None:
+        """Idempotent: safe to call from both the normal end and an error path."""
         self.file.close()
         if self.writer:
             self.writer.close()
+            self.writer = None
 
 
 def _tag(key: str) -> str:

@@ -112,7 +112,11 @@ class Trainer:
     def _prepare_folder(self, restart: bool) -> None:
         run_dir, ckpt = self.run.run_dir, self.run.checkpoint_path
         if self.ctx.is_main and restart and run_dir.exists():
-            backup = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            backup = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+            n = 1
+            while backup.exists():  # two restarts within one second
+                backup, n = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}"), n + 1
             shutil.move(str(run_dir), backup)
             notice(f"--restart: moved the previous run to {backup}")
         self.ctx.barrier()
@@ -138,6 +142,10 @@ class Trainer:
         self.run.model.load_state_dict(state["model"])
         self.run.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the config's lr wins over the one saved
+            if group["lr"] != self.exp.train.lr and self.ctx.is_main:
+                notice(f"train.lr changed on resume: {group['lr']:g} → {self.exp.train.lr:g}")
+            group["lr"] = self.exp.train.lr
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
         set_rng_state(state["rng"])
@@ -200,6 +208,14 @@ class Trainer:
         return loss.detach()
 
     def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``, then save, evaluate and sample; the logs are closed whatever happens."""
+        try:
+            return self._fit()
+        finally:
+            if self.log:
+                self.log.close()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, run = self.exp.train, self.run
         if self.step >= cfg.steps:
             if self.ctx.is_main:
@@ -296,7 +312,6 @@ class Trainer:
                 self.log.hparams(flatten({k: v for k, v in self.exp.to_dict().items()
                                           if k not in ("ablations", "sweep")}),
                                  {"bpd": main.get("bpd", float("nan")), "bpd_se": main.get("bpd_se", float("nan"))})
-                self.log.close()
         return results
 
 
