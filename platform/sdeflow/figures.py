@@ -59,6 +59,8 @@ def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 64
 
 def image_for_tensorboard(path: str | Path) -> Tensor:
     """A saved PNG as a (3, H, W) float tensor, to log the exact picture that was written."""
-    from torchvision.io import ImageReadMode, read_image
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
 
-    return read_image(str(path), mode=ImageReadMode.RGB).float() / 255
+    with Image.open(path) as image:
+        return pil_to_tensor(image.convert("RGB")).float() / 255
