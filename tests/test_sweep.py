@@ -1,0 +1,120 @@
+"""Ablations and sweeps: expansion, validation before any run, resume, and the summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, write_experiment
+
+from sdeflow.errors import ConfigError
+from sdeflow.runlog import read_metrics
+from sdeflow.sweep import expand, prepare, run_sweep, write_summary
+
+SOURCE = "exp.yaml"
+
+
+def test_ablations_cross_the_grid_with_names_and_counts():
+    data = {"ablations": [{"name": "debiased", "set": {"time_sampler.name": "debiased"}},
+                          {"name": "score", "set": {"parameterization.name": "score"}}],
+            "sweep": {"sde.beta_max": [10, 20], "train.lr": [0.001, 0.01]}}
+    variants = expand(data, SOURCE)
+    assert len(variants) == 3 * 4
+    assert [v.name for v in variants[:4]] == ["10-0.001", "10-0.01", "20-0.001", "20-0.01"]
+    assert variants[4].name == "debiased-10-0.001"
+    assert variants[4].changes == {"time_sampler.name": "debiased", "sde.beta_max": 10, "train.lr": 0.001}
+
+
+def test_without_a_grid_the_base_run_comes_first():
+    variants = expand({"ablations": [{"name": "score", "set": {"parameterization.name": "score"}}]}, SOURCE)
+    assert [(v.name, v.changes) for v in variants] == [("base", {}), ("score", {"parameterization.name": "score"})]
+
+
+def test_grid_values_override_the_ablation_and_the_command_line_overrides_both(tmp_path):
+    config = tiny_config(ablations=[{"name": "a", "set": {"sde.beta_max": 5.0, "train.lr": 0.5}}],
+                         sweep={"sde.beta_max": [7.0]})
+    path = write_experiment(tmp_path, config)
+    variants = {v.name: v.exp for v in prepare(path, ["train.lr=0.25"])}
+    assert set(variants) == {"7.0", "a-7.0"}
+    assert variants["a-7.0"].components["sde"]["beta_max"] == 7.0   # grid beats ablation
+    assert variants["a-7.0"].train.lr == 0.25                       # command line beats ablation
+    assert variants["7.0"].components["sde"]["beta_max"] == 7.0
+    assert variants["a-7.0"].name == "tiny/a-7.0"
+
+
+def test_duplicate_variant_names_are_refused():
+    with pytest.raises(ConfigError, match="duplicate variant name"):
+        expand({"ablations": [{"name": "x", "set": {}}, {"name": "x", "set": {}}]}, SOURCE)
+
+
+def test_an_invalid_variant_stops_the_sweep_before_anything_runs(tmp_path, capsys):
+    config = tiny_config(ablations=[{"name": "fine", "set": {"train.lr": 0.01}},
+                                    {"name": "broken", "set": {"sde.beta_mx": 3.0}}])
+    path = write_experiment(tmp_path, config)
+    runs = tmp_path / "runs"
+    status, _, err = run_cli(capsys, "sweep", path, "--runs-dir", runs)
+    assert_one_line_error(status, err, "variant 'broken'", "sde.beta_mx", "did you mean 'beta_max'")
+    assert not runs.exists()  # not even the valid variants ran
+
+
+def test_only_selects_variants_and_rejects_unknown_names(tmp_path):
+    path = write_experiment(tmp_path, tiny_config(ablations=[{"name": "score", "set": {"parameterization.name": "score"}}]))
+    assert [v.name for v in prepare(path, only=["score"])] == ["score"]
+    with pytest.raises(ConfigError, match="unknown variant"):
+        prepare(path, only=["scroe"])
+
+
+@pytest.fixture
+def finished_sweep(tmp_path):
+    config = tiny_config(ablations=[{"name": "score", "set": {"parameterization.name": "score"}}],
+                         train={"eval_every": 2})
+    path = write_experiment(tmp_path, config)
+    runs = run_sweep(path, tmp_path / "runs")
+    return path, runs
+
+
+def test_a_sweep_writes_one_run_per_variant_and_a_summary(finished_sweep):
+    _, runs = finished_sweep
+    assert (runs / "base" / "checkpoints" / "last.pt").exists()
+    assert (runs / "score" / "checkpoints" / "last.pt").exists()
+    assert (runs / "summary.md").read_text().count("\n") == 4  # header, rule, two rows
+    assert (runs / "bpd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_numbers_match_the_runs_metrics(finished_sweep):
+    _, runs = finished_sweep
+    with open(runs / "summary.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    for name in ("base", "score"):
+        result = json.loads((runs / name / "eval.json").read_text())["elbo"]
+        last = [r for r in read_metrics(runs / name) if "loss" in r][-1]
+        assert float(rows[name]["bpd"]) == pytest.approx(result["bpd"], rel=1e-12)
+        assert float(rows[name]["bpd_se"]) == pytest.approx(result["bpd_se"], rel=1e-12)
+        assert float(rows[name]["final_loss"]) == pytest.approx(last["loss"], rel=1e-12)
+        assert int(rows[name]["steps"]) == last["step"] == 4
+    base, score = (json.loads((runs / n / "eval.json").read_text())["elbo"] for n in ("base", "score"))
+    assert float(rows["score"]["delta_bpd"]) == pytest.approx(score["bpd"] - base["bpd"], rel=1e-9)
+    expected_se = (score["bpd_se"] ** 2 + base["bpd_se"] ** 2) ** 0.5
+    assert float(rows["score"]["delta_se"]) == pytest.approx(expected_se, rel=1e-9)
+    assert rows["score"]["changes"] == "parameterization.name=score"
+    assert float(rows["base"]["delta_bpd"]) == 0.0
+
+
+def test_rerunning_a_sweep_skips_finished_variants(finished_sweep, capsys):
+    path, runs = finished_sweep
+    before = snapshot(runs / "base")
+    capsys.readouterr()
+    run_sweep(path, runs)
+    assert "variant 'base' already finished" in capsys.readouterr().out
+    assert snapshot(runs / "base") == before
+
+
+def test_summary_can_be_rebuilt_from_the_runs_folder(finished_sweep, capsys):
+    _, runs = finished_sweep
+    original = (runs / "summary.csv").read_text()
+    (runs / "summary.csv").unlink()
+    status, _, _ = run_cli(capsys, "sweep", "--summary", runs)
+    assert status == 0
+    assert (runs / "summary.csv").read_text() == original
+    assert write_summary(runs)[1]["changes"] == "parameterization.name=score"
