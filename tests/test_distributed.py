@@ -75,8 +75,8 @@ def test_ddp_gradient_equals_single_process_gradient_on_the_union(tmp_path):
 
 
 def _eval_worker(rank: int, store: str, out: str) -> None:
-    from sdeflow.evaluate import elbo_estimator, evaluate
     from sdeflow.config import EvalConfig
+    from sdeflow.evaluate import elbo_estimator, evaluate
     from sdeflow_builtin.datasets import gaussian
     from sdeflow_builtin.time_samplers import Uniform
 

@@ -6,8 +6,8 @@ import csv
 import json
 
 import pytest
-from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, write_experiment
 
+from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, write_experiment
 from sdeflow.errors import ConfigError
 from sdeflow.runlog import read_metrics
 from sdeflow.sweep import expand, prepare, run_sweep, write_summary
@@ -59,7 +59,8 @@ def test_an_invalid_variant_stops_the_sweep_before_anything_runs(tmp_path, capsy
 
 
 def test_only_selects_variants_and_rejects_unknown_names(tmp_path):
-    path = write_experiment(tmp_path, tiny_config(ablations=[{"name": "score", "set": {"parameterization.name": "score"}}]))
+    ablations = [{"name": "score", "set": {"parameterization.name": "score"}}]
+    path = write_experiment(tmp_path, tiny_config(ablations=ablations))
     assert [v.name for v in prepare(path, only=["score"])] == ["score"]
     with pytest.raises(ConfigError, match="unknown variant"):
         prepare(path, only=["scroe"])

@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
+from torch import Tensor
+
 from sdeflow.errors import DataError, require
 from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import DataBundle
 from sdeflow.transforms import Dequantize, Identity
-from torch import Tensor
 
 MNIST_FILES = tuple(
     f"MNIST/raw/{split}-{part}-ubyte"

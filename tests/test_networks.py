@@ -1,0 +1,206 @@
+"""The built-in networks: DDPM's U-net (parameter counts of the paper's configurations, odd sizes,
+zero output at initialisation, time conditioning, channels_last, torch.compile) and the residual MLP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdeflow.errors import InvalidArgument
+from sdeflow.registry import build_registry
+from sdeflow.schema import check_arguments
+from sdeflow_builtin.networks import MLP, UNet
+from sdeflow_builtin.networks.embedding import batch_times, sinusoidal_embedding
+from sdeflow_builtin.networks.unet import SelfAttention
+
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+
+
+def n_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def n_attention(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, SelfAttention) for m in module.modules())
+
+
+def randomise_output_layer(net: UNet) -> None:
+    """Make the zero-initialised output conv non-zero so comparisons are not trivially 0 == 0."""
+    with torch.no_grad():
+        net.conv_out.weight.normal_(0, 0.05)
+
+
+def test_mnist_preset_matches_the_reference_parameter_count():
+    net = UNet((1, 28, 28), preset="mnist")
+    assert n_parameters(net) == 1_539_329
+    assert n_attention(net) == 1  # 28, 14, 7: 16 never occurs, so only the middle attends
+
+
+def test_explicit_mnist_arguments_match_the_preset():
+    net = UNet((1, 28, 28), ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
+    assert n_parameters(net) == 1_539_329
+
+
+def test_cifar10_preset_matches_the_reference_parameter_count():
+    net = UNet((3, 32, 32), preset="cifar10")
+    assert n_parameters(net) == 35_746_307
+    assert n_attention(net) == 2 + 3 + 1  # 16×16: two down blocks, three up blocks; the middle
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 32, 32), torch.rand(1))
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_explicit_arguments_beat_the_preset():
+    net = UNet((1, 28, 28), preset="mnist", ch=64)
+    assert net.conv_in.out_channels == 64
+    assert net.ch_mult == (1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        ((1, 28, 28), dict(preset="mnist")),
+        ((3, 32, 32), dict(ch=32, ch_mult=(1, 2, 2), attn_resolutions=(16,))),
+        ((2, 15, 9), dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)),  # 15→8→4, 9→5→3
+        ((1, 7, 7), dict(TINY, resamp_with_conv=False)),  # average pooling 7→3, back up to 7
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_unet_output_has_the_input_shape(shape, kwargs, batch):
+    net = UNet(shape, **kwargs)
+    randomise_output_layer(net)
+    with torch.no_grad():
+        out = net(torch.randn(batch, *shape), torch.rand(batch))
+    assert out.shape == (batch, *shape)
+    assert torch.isfinite(out).all()
+
+
+def test_out_channels_can_differ():
+    net = UNet((1, 8, 8), out_channels=2, **TINY)
+    assert net(torch.randn(2, 1, 8, 8), torch.rand(2)).shape == (2, 2, 8, 8)
+
+
+@pytest.mark.parametrize("tau", [torch.tensor(0.3), torch.tensor([0.3]), torch.full((2, 1), 0.3), 0.3])
+def test_times_may_be_scalar_or_column(tau):
+    net = UNet((1, 8, 8), **TINY)
+    randomise_output_layer(net)
+    y = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(y, tau), net(y, torch.full((2,), 0.3)))
+
+
+def test_wrong_number_of_times_is_an_error():
+    with pytest.raises(ValueError, match="one per example"):
+        batch_times(torch.rand(3), 2)
+
+
+def test_sinusoidal_embedding():
+    e = sinusoidal_embedding(torch.tensor([0.0, 500.0]), 7)
+    assert e.shape == (2, 7) and e.dtype == torch.float32
+    torch.testing.assert_close(e[0], torch.tensor([0.0, 0, 0, 1, 1, 1, 0]))
+    assert e[1, 0] == pytest.approx(torch.sin(torch.tensor(500.0)).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("factory, shape", [(lambda s: UNet(s, **TINY), (1, 8, 8)), (MLP, (2,))])
+def test_output_is_zero_at_initialisation(factory, shape):
+    net = factory(shape)
+    out = net(torch.randn(4, *shape), torch.rand(4))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("factory, shape", [(lambda s: UNet(s, **TINY), (1, 8, 8)), (MLP, (2,))])
+def test_time_conditioning_reaches_the_output_after_one_step(factory, shape):
+    torch.manual_seed(0)
+    net = factory(shape)
+    y = torch.randn(4, *shape)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loss = ((net(y, torch.rand(4)) - torch.randn_like(y)) ** 2).mean()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        early, late = net(y, torch.full((4,), 0.1)), net(y, torch.full((4,), 0.9))
+    assert early.abs().max() > 0
+    assert (early - late).abs().max() > 1e-4
+
+
+def test_mlp_on_2d_points():
+    net = MLP((2,), hidden=64, depth=2)
+    assert net(torch.randn(512, 2), torch.rand(512)).shape == (512, 2)
+    assert net(torch.randn(1, 2), torch.rand(1)).shape == (1, 2)
+    assert MLP((3, 4))(torch.randn(5, 3, 4), torch.rand(5)).shape == (5, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(ch=48), "ch"),  # not a multiple of the 32 GroupNorm groups
+        (dict(ch_mult=()), "ch_mult"),
+        (dict(ch_mult=(1, 0)), "ch_mult"),
+        (dict(num_res_blocks=0), "num_res_blocks"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(time_scale=0.0), "time_scale"),
+        (dict(preset="imagenet"), "preset"),
+    ],
+)
+def test_bad_unet_arguments_are_invalid_arguments(kwargs, argument):
+    with pytest.raises(InvalidArgument) as info:
+        UNet((3, 32, 32), **kwargs)
+    assert info.value.argument == argument
+
+
+def test_unet_needs_image_shaped_data():
+    with pytest.raises(InvalidArgument) as info:
+        UNet((2,))
+    assert info.value.argument == "data_shape"
+
+
+@pytest.mark.parametrize("kwargs, argument", [(dict(hidden=0), "hidden"), (dict(depth=0), "depth")])
+def test_bad_mlp_arguments_are_invalid_arguments(kwargs, argument):
+    with pytest.raises(InvalidArgument) as info:
+        MLP((2,), **kwargs)
+    assert info.value.argument == argument
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    net = UNet((3, 16, 16), ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,))
+    randomise_output_layer(net)
+    y, tau = torch.randn(2, 3, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        expected = net(y, tau)
+        net = net.to(memory_format=torch.channels_last)
+        out = net(y.contiguous(memory_format=torch.channels_last), tau)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    net = UNet((1, 8, 8), ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    randomise_output_layer(net)
+    y, tau = torch.randn(2, 1, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        expected = net(y, tau)
+        try:
+            out = torch.compile(net)(y, tau)
+        except Exception as e:  # e.g. no C++ compiler on this machine
+            pytest.skip(f"torch.compile is unavailable here: {type(e).__name__}: {e}")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_plugin_registers_both_networks():
+    registry = build_registry()
+    unet = registry.get("network", "unet")
+    arguments = unet.arguments
+    assert {"ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
+            "time_scale", "preset"} <= set(arguments)
+    assert "data_shape" not in arguments
+    assert arguments["time_scale"].default == 999.0
+    mlp = registry.get("network", "mlp").arguments
+    assert {"hidden", "depth", "embed_dim", "time_scale"} <= set(mlp) and "data_shape" not in mlp
+
+
+def test_yaml_values_fit_the_unet_schema():
+    schema = build_registry().get("network", "unet").arguments
+    checked = check_arguments({"ch_mult": [1, 2, 2], "preset": "mnist", "dropout": 0}, schema, "x", "unet")
+    assert checked == {"ch_mult": (1, 2, 2), "preset": "mnist", "dropout": 0.0}
+    assert n_parameters(UNet((1, 28, 28), **checked)) == 1_539_329
