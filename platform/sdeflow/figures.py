@@ -38,7 +38,7 @@ def save_samples(x: Tensor, kind: str, path: str | Path, title: str = "") -> Pat
     return path
 
 
-def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 64) -> Path:
+def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 24) -> Path:
     """One panel per label (e.g. λ = 0, λ = 1): each 2-D path drawn from the prior to the data
     (the paper's Figure 5). ``paths[label]`` has shape (states, N, 2)."""
     path = Path(path)
