@@ -96,10 +96,13 @@ def _gather(ctx: DistContext, parts: list[Tensor], device) -> Tensor:
     return ctx.gather(local.to(torch.float64) if local.dtype != torch.long else local)
 
 
-def write_eval(run_dir: str | Path, results: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+def write_eval(run_dir: str | Path, results: dict[str, Any], extra: dict[str, Any] | None = None,
+               *, merge: bool = False) -> Path:
+    """Write eval.json atomically; with ``merge``, estimators evaluated earlier keep their entries."""
     path = Path(run_dir) / EVAL_FILE
+    old = json.loads(path.read_text()) if merge and path.exists() else {}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**results, **(extra or {})}, indent=2) + "\n")
+    tmp.write_text(json.dumps({**old, **results, **(extra or {})}, indent=2) + "\n")
     tmp.replace(path)
     return path
 
@@ -123,7 +126,7 @@ def eval_from_cli(args) -> int:
                            samples=args.samples_per_example, estimator=args.estimator,
                            time_sampler=args.time_sampler, batch_size=args.batch_size)
     print(format_results(results, run.data.kind))
-    write_eval(args.run_dir, results, {"split": args.split})
+    write_eval(args.run_dir, results, {"split": args.split}, merge=True)
     return 0
 
 

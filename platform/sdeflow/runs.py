@@ -12,12 +12,13 @@ import yaml
 
 from .build import Parts, build_data, build_model, check_experiment
 from .checkpoint import load
-from .config import Experiment, check_component, read_yaml, structure
+from .config import Experiment, build_component, check_component, read_yaml, structure
 from .distributed import DistContext
 from .errors import ConfigError, SdeflowError
 from .evaluate import elbo_estimator, evaluate
 from .figures import save_samples, save_trajectories
 from .interfaces import DataBundle
+from .likelihood import ode_estimator
 from .model import DiffusionModel
 from .registry import Registry, default_registry
 
@@ -74,8 +75,6 @@ class Run:
         if which in ("elbo", "both"):
             out["elbo"] = elbo_estimator(cfg, ts, samples)
         if which in ("ode", "both"):
-            from .likelihood import ode_estimator
-
             out["ode"] = ode_estimator(cfg)
         return out
 
@@ -85,8 +84,6 @@ class Run:
             spec["lam"] = lam
         checked = check_component(self.registry, "sampler", spec, f"{self.run_dir}/{CONFIG_FILE}")
         exp = attrs.evolve(self.exp, components={**self.exp.components, "sampler": checked})
-        from .config import build_component
-
         return build_component(self.registry, exp, "sampler")
 
     @torch.no_grad()
