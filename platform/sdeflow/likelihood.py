@@ -46,7 +46,7 @@ def ode_log_likelihood(
     v = None if probe == "exact" else probe_vector(x, probe, generator)
     dynamics = _Dynamics(model, probe, v)
     times = torch.tensor([t0, model.sde.T], dtype=x.dtype, device=x.device)
-    options = {"step_size": (model.sde.T - t0) / 100} if method == "rk4" else None
+    options = _options(method, times)
     xs, deltas = odeint(dynamics, (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)), times,
                         method=method, rtol=rtol, atol=atol, options=options)
     return model.sde.prior_log_prob(xs[-1]) + deltas[-1], dynamics.nfe
@@ -77,5 +77,17 @@ def ode_sample(model, x_T: Tensor, ts: Tensor, *, method: str = "dopri5", rtol: 
     def velocity(t: Tensor, x: Tensor) -> Tensor:
         return ode_velocity(model, x, t.to(x.dtype).expand(x.shape[0]))
 
-    options = {"step_size": float(ts[0] - ts[-1]) / 100} if method == "rk4" else None
-    return odeint(velocity, x_T, ts.to(x_T), method=method, rtol=rtol, atol=atol, options=options)
+    ts = ts.to(x_T)
+    return odeint(velocity, x_T, ts, method=method, rtol=rtol, atol=atol, options=_options(method, ts))
+
+
+FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+
+
+def _options(method: str, times: Tensor) -> dict:
+    """Fixed-step solvers: 100 steps over the interval. Adaptive ones: make every output time a step
+    boundary, since torchdiffeq otherwise steps past the last time and interpolates back, evaluating
+    the SDE outside [0, T] (where σ² < 0 for VP near t = 0)."""
+    if method in FIXED_STEP_METHODS:
+        return {"step_size": float(abs(times[-1] - times[0])) / 100}
+    return {"step_t": times}
