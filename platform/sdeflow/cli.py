@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import yaml
 
 from . import __version__
-from .errors import SdeflowError
+from .errors import ConfigError, SdeflowError, did_you_mean
 from .hookspecs import KINDS
 from .registry import default_registry, plugin_components
 
@@ -50,8 +50,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_components(args: argparse.Namespace) -> int:
     registry = default_registry()
     if args.kind and args.kind not in KINDS:
-        from .errors import ConfigError, did_you_mean
-
         raise ConfigError(f"unknown kind '{args.kind}'{did_you_mean(args.kind, KINDS)}; "
                           f"kinds: {', '.join(KINDS)}")
     components = registry.all(args.kind)
