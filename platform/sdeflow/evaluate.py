@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,10 @@ Estimator = Callable[[Any, Tensor, torch.Generator], Tensor]
 """(model, z, generator) → log-likelihood (or its lower bound) of z per example, in nats."""
 
 
-def batch_generator(device: torch.device, seed: int, batch: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch)
+def batch_generator(device: torch.device, seed: int, batch: int, stream: str = "data") -> torch.Generator:
+    """The random stream of one batch: dequantization noise (``data``) or one estimator's draws, so that
+    an estimator sees the same draws whether it runs alone or beside another."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + batch) * 1_009 + zlib.crc32(stream.encode()))
 
 
 def elbo_estimator(cfg: EvalConfig, time_sampler: TimeSampler, samples: int | None = None) -> Estimator:
@@ -69,15 +73,17 @@ def evaluate(
     examples = getattr(data, split)
     dim = math.prod(data.shape)
     rows: dict[str, list[Tensor]] = {name: [] for name in estimators}
+    seconds = dict.fromkeys(estimators, 0.0)
     log_dets, exact, index = [], [], []
     for b, x in eval_batches(examples, batch_size, max_examples):
         if b % ctx.world != ctx.rank:
             continue
         x = x.to(device)
-        generator = batch_generator(device, seed, b)
-        z, log_det = data.transform.forward(x, generator=generator)
+        z, log_det = data.transform.forward(x, generator=batch_generator(device, seed, b))
         for name, estimate in estimators.items():
-            rows[name].append(-estimate(model, z, generator).double())
+            start = _now(device)
+            rows[name].append(-estimate(model, z, batch_generator(device, seed, b, name)).double())
+            seconds[name] += _now(device) - start
         log_dets.append(log_det.double())
         index.append(torch.arange(b * batch_size, b * batch_size + x.shape[0], device=device))
         if data.log_prob is not None:
@@ -86,9 +92,17 @@ def evaluate(
     log_det = _gather(ctx, log_dets, device)[order]
     out = {name: summarize(_gather(ctx, v, device)[order], log_det, dim, data.transform.bits_offset)
            for name, v in rows.items()}
+    for name in out:
+        out[name]["seconds"] = seconds[name]  # this rank's estimator time: the cost beside the s.e.
     if data.log_prob is not None:
         out["exact"] = summarize(_gather(ctx, exact, device)[order], None, dim, data.transform.bits_offset)
     return out
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _gather(ctx: DistContext, parts: list[Tensor], device) -> Tensor:
@@ -114,7 +128,9 @@ def format_results(results: dict[str, dict[str, float]], kind: str) -> str:
             continue
         unit = "bpd" if kind == "image" else "bits/dim"
         line = f"{name:>6}: {r['bpd']:.4f} ± {r['bpd_se']:.4f} {unit}   NLL {r['nats']:.4f} ± {r['nats_se']:.4f} nats"
-        lines.append(line + f"   (n={r['n']})")
+        cost = f", {r['seconds']:.1f} s" if "seconds" in r else ""
+        nfe = f", {r['nfe']:.0f} NFE/batch" if "nfe" in r else ""
+        lines.append(line + f"   (n={r['n']}{cost}{nfe})")
     return "\n".join(lines)
 
 
