@@ -93,7 +93,9 @@ def test_eval_writes_eval_json_and_prints_the_bpd(trained_run, capsys):
     status, out, err = run_cli(capsys, "eval", trained_run, "--max-examples", 32)
     assert status == 0, err
     saved = json.loads((trained_run / "eval.json").read_text())
-    assert saved["elbo"]["n"] == 32 and saved["exact"]["n"] == 32 and saved["split"] == "test"
+    assert saved["elbo"]["n"] == 32 and saved["exact"]["n"] == 32
+    assert saved["elbo"]["split"] == saved["exact"]["split"] == "test"
+    assert saved["elbo"]["step"] == 4  # the training step of the weights evaluated
     assert f"{saved['elbo']['bpd']:.4f}" in out
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 import torchvision.datasets.mnist
-from fakedata import use_fake_cifar10_checksums, write_cifar10, write_mnist
 from scipy.stats import multivariate_normal
+
+from fakedata import use_fake_cifar10_checksums, write_cifar10, write_mnist
 from sdeflow.errors import DataError, InvalidArgument
 from sdeflow.registry import DISABLE_ENV, build_registry
 from sdeflow.schema import check_arguments

@@ -5,8 +5,9 @@ from __future__ import annotations
 import attrs
 
 from .config import Experiment, build_component
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgument
 from .interfaces import SDE, DataBundle, Loss, Sampler, TimeSampler
+from .likelihood import check_method
 from .model import DiffusionModel
 from .registry import Registry, default_registry
 
@@ -50,7 +51,29 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
         raise ConfigError(f"{exp.source}: train.ema: must be in [0, 1), got {t.ema}")
     if exp.sample.lam is not None and not 0 <= exp.sample.lam <= 1:
         raise ConfigError(f"{exp.source}: sample.lam: must be in [0, 1], got {exp.sample.lam}")
+    if exp.sample.lam is not None:
+        require_lambda_sampler(registry or default_registry(), exp, "sample.lam")
+    if exp.sample.trajectories:
+        require_lambda_sampler(registry or default_registry(), exp, "sample.trajectories")
+    if exp.eval.max_examples is not None and exp.eval.max_examples < 1:
+        raise ConfigError(f"{exp.source}: eval.max_examples: must be at least 1 (or null for all), "
+                          f"got {exp.eval.max_examples}")
+    if exp.sample.steps is not None and exp.sample.steps < 1:
+        raise ConfigError(f"{exp.source}: sample.steps: must be at least 1, got {exp.sample.steps}")
+    try:
+        check_method(exp.eval.ode_method)
+    except InvalidArgument as e:
+        raise ConfigError(f"{exp.source}: eval.ode_method: {e.message}") from None
     return parts
+
+
+def require_lambda_sampler(registry: Registry, exp: Experiment, key: str) -> None:
+    """λ-family features (``sample.lam``, trajectories) need a sampler with a ``lam`` argument."""
+    name = exp.components["sampler"]["name"]
+    if "lam" not in registry.get("sampler", name).arguments:
+        raise ConfigError(f"{exp.source}: {key}: sampler '{name}' has no λ (no 'lam' argument); "
+                          "use a λ-family sampler such as euler_maruyama")
+
 
 
 def build_data(exp: Experiment, registry: Registry | None = None) -> DataBundle:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -12,8 +14,9 @@ import torch
 from .errors import SdeflowError
 
 
-def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """Write ``obj`` to a temporary file beside ``path``, flush it to disk, then rename over ``path``.
+@contextlib.contextmanager
+def _atomic(path: str | Path, mode: str):
+    """A temporary file beside ``path``, flushed to disk and renamed over ``path`` on success.
 
     A crash at any moment leaves either the old file or the new one, never a torn one.
     """
@@ -21,14 +24,33 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` that never leaves a torn checkpoint."""
+    with _atomic(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a text file (config, metrics, results, summaries) in one step."""
+    with _atomic(path, "w") as f:
+        f.write(text)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple of ints and names, by hashing: distinct tuples give unrelated
+    streams (a linear formula such as seed·K + step would make rank r at step k replay another rank)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

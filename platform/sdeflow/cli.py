@@ -21,6 +21,20 @@ from .registry import default_registry, plugin_components
 EXIT_USER_ERROR = 2
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"sdeflow: error: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def format_table(rows: list[list[str]], header: list[str]) -> str:
     """Left-aligned columns, two spaces apart."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -100,7 +114,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdeflow", description=__doc__.splitlines()[0])
+    parser = Parser(prog="sdeflow", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"sdeflow {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,18 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="test bpd / ELBO of a trained run")
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--max-examples", type=int)
-    p.add_argument("--samples-per-example", type=int)
+    p.add_argument("--max-examples", type=positive_int)
+    p.add_argument("--samples-per-example", type=positive_int)
     p.add_argument("--estimator", choices=["elbo", "ode", "both"])
     p.add_argument("--time-sampler", help="time sampler for the ELBO (e.g. uniform, debiased)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=positive_int)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="draw samples (PNG grid or scatter plot)")
     p.add_argument("run_dir")
-    p.add_argument("--num", type=int)
+    p.add_argument("--num", type=positive_int)
     p.add_argument("--lam", type=float)
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=positive_int)
     p.add_argument("--trajectories", action="store_true", help="2-D data: draw the paths for λ = 0 and λ = 1")
     p.add_argument("--out")
     p.add_argument("--seed", type=int, default=0)
@@ -156,14 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`train exp.yaml --run-dir d train.steps=5`)
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse(build_parser(), argv)
+    except SystemExit as e:  # usage errors (status 2), --help and --version (status 0)
+        return e.code if isinstance(e.code, int) else 0
     try:
         with warnings.catch_warnings():
             if not args.debug:

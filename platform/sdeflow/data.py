@@ -3,11 +3,14 @@ DataLoader. Training order is a pure function of (seed, step), so a resumed run 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+
+from .checkpoint import derive_seed
 
 
 def num_examples(split) -> int:
@@ -29,19 +32,20 @@ def take(split, indices: Sequence[int]) -> Tensor:
     return _collate([split[int(i)] for i in indices])
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    """The shuffled order of one epoch (cached: every step of the epoch indexes into it)."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
     return torch.randperm(n, generator=g)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int, shuffle: bool = True) -> Tensor:
     """Indices of the global batch for training step ``step`` (0-based): epochs of shuffled, full batches."""
-    per_epoch = max(n // batch_size, 1)
-    epoch, i = divmod(step, per_epoch)
-    order = epoch_order(n, seed, epoch) if shuffle else torch.arange(n)
     if batch_size > n:  # tiny data sets: sample with replacement rather than fail
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(derive_seed(seed, "batch", step))
         return torch.randint(n, (batch_size,), generator=g)
+    epoch, i = divmod(step, n // batch_size)
+    order = epoch_order(n, seed, epoch) if shuffle else torch.arange(n)
     return order[i * batch_size : (i + 1) * batch_size]
 
 

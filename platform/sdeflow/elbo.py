@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidArgument
-from .interfaces import TimeSampler, bcast, flat_sum
+from .interfaces import TimeSampler, bcast, flat_sum, randn_like
 
 PROBES = ("rademacher", "gaussian", "exact")
 
@@ -19,7 +19,7 @@ def check_probe(probe: str) -> str:
 
 def probe_vector(like: Tensor, probe: str, generator=None) -> Tensor:
     """A Hutchinson probe v with E[v vᵀ] = I: Rademacher (±1) or standard Gaussian."""
-    v = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    v = randn_like(like, generator)
     if probe == "rademacher":
         return v.sign() + (v == 0)
     return v
@@ -85,12 +85,8 @@ def elbo(
     xs = x.repeat_interleave(samples, dim=0)
     t, q = time_sampler.sample(sde, xs.shape[0], device=x.device, generator=generator)
     t, q = t.to(x.dtype), q.to(x.dtype)
-    y_t = sde.marginal_sample(xs, t, _randn(xs, generator))
-    y_T = sde.marginal_sample(xs, torch.full_like(t, sde.T), _randn(xs, generator))
+    y_t = sde.marginal_sample(xs, t, randn_like(xs, generator))
+    y_T = sde.marginal_sample(xs, torch.full_like(t, sde.T), randn_like(xs, generator))
     integrand = elbo_integrand(model, y_t, t, probe, generator=generator, create_graph=create_graph)
     value = sde.prior_log_prob(y_T) - integrand / q
     return value.reshape(B, samples).mean(dim=1)
-
-
-def _randn(like: Tensor, generator=None) -> Tensor:
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import derive_seed, write_text_atomic
 from .config import EvalConfig
-from .data import eval_batches, num_examples
+from .data import eval_batches
 from .distributed import DistContext
 from .elbo import elbo
 from .interfaces import DataBundle, TimeSampler
@@ -34,11 +34,11 @@ Estimator = Callable[[Any, Tensor, torch.Generator], Tensor]
 def batch_generator(device: torch.device, seed: int, batch: int, stream: str = "data") -> torch.Generator:
     """The random stream of one batch: dequantization noise (``data``) or one estimator's draws, so that
     an estimator sees the same draws whether it runs alone or beside another."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + batch) * 1_009 + zlib.crc32(stream.encode()))
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, "eval", batch, stream))
 
 
 def elbo_estimator(cfg: EvalConfig, time_sampler: TimeSampler, samples: int | None = None) -> Estimator:
-    k = samples or cfg.samples_per_example
+    k = cfg.samples_per_example if samples is None else samples
 
     def estimate(model, z: Tensor, generator: torch.Generator) -> Tensor:
         return elbo(model, z, time_sampler, probe=cfg.probe, samples=k, generator=generator)
@@ -88,7 +88,7 @@ def evaluate(
         index.append(torch.arange(b * batch_size, b * batch_size + x.shape[0], device=device))
         if data.log_prob is not None:
             exact.append(-data.log_prob(x).double())
-    order = torch.argsort(_gather(ctx, index, device))
+    order = torch.argsort(_gather(ctx, index, device, torch.long))
     log_det = _gather(ctx, log_dets, device)[order]
     out = {name: summarize(_gather(ctx, v, device)[order], log_det, dim, data.transform.bits_offset)
            for name, v in rows.items()}
@@ -96,6 +96,8 @@ def evaluate(
         out[name]["seconds"] = seconds[name]  # this rank's estimator time: the cost beside the s.e.
     if data.log_prob is not None:
         out["exact"] = summarize(_gather(ctx, exact, device)[order], None, dim, data.transform.bits_offset)
+    for entry in out.values():
+        entry["split"] = split
     return out
 
 
@@ -105,19 +107,19 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _gather(ctx: DistContext, parts: list[Tensor], device) -> Tensor:
-    local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
-    return ctx.gather(local.to(torch.float64) if local.dtype != torch.long else local)
+def _gather(ctx: DistContext, parts: list[Tensor], device, dtype: torch.dtype = torch.float64) -> Tensor:
+    """This rank's values concatenated, then every rank's in rank order (a rank may have none)."""
+    local = torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype, device=device)
+    return ctx.gather(local)
 
 
-def write_eval(run_dir: str | Path, results: dict[str, Any], extra: dict[str, Any] | None = None,
-               *, merge: bool = False) -> Path:
-    """Write eval.json atomically; with ``merge``, estimators evaluated earlier keep their entries."""
+def write_eval(run_dir: str | Path, results: dict[str, Any], **extra: Any) -> Path:
+    """Merge ``results`` into eval.json (atomically): estimators evaluated earlier keep their entries,
+    and each entry says which split and which training step it describes."""
     path = Path(run_dir) / EVAL_FILE
-    old = json.loads(path.read_text()) if merge and path.exists() else {}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**old, **results, **(extra or {})}, indent=2) + "\n")
-    tmp.replace(path)
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update({name: {**entry, **extra} for name, entry in results.items()})
+    write_text_atomic(path, json.dumps(merged, indent=2) + "\n")
     return path
 
 
@@ -142,8 +144,7 @@ def eval_from_cli(args) -> int:
                            samples=args.samples_per_example, estimator=args.estimator,
                            time_sampler=args.time_sampler, batch_size=args.batch_size)
     print(format_results(results, run.data.kind))
-    write_eval(args.run_dir, results, {"split": args.split}, merge=True)
+    write_eval(args.run_dir, results, step=run.step)
     return 0
 
 
-__all__ = ["evaluate", "elbo_estimator", "summarize", "num_examples", "write_eval", "format_results"]

@@ -27,6 +27,11 @@ def flat_sum(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
+def randn_like(x: Tensor, generator=None) -> Tensor:
+    """Standard normal noise shaped like x, from ``generator`` when one is given."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def gaussian_log_prob(y: Tensor, std: float | Tensor = 1.0) -> Tensor:
     """log N(y; 0, std² I) per example."""
     D = y[0].numel()
@@ -116,9 +121,13 @@ class TabulatedTimeDensity(TimeDensity):
         self.Z = float(mass[-1])
         self.cum = mass / self.Z
         self.T = sde.T
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def _table(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        return self.knots.to(like.device), self.cum.to(like.device)
+        """The table on ``like``'s device, copied there once (not on every training step)."""
+        if like.device not in self._on_device:
+            self._on_device[like.device] = (self.knots.to(like.device), self.cum.to(like.device))
+        return self._on_device[like.device]
 
     def pdf(self, t: Tensor) -> Tensor:
         knots, cum = self._table(t)
@@ -196,7 +205,7 @@ class Sampler(abc.ABC):
 
     def time_grid(self, sde: SDE, steps: int | None = None) -> Tensor:
         """The default grid: ``steps`` equal intervals from T down to t_ε."""
-        return time_grid(sde, steps or self.steps)
+        return time_grid(sde, self.steps if steps is None else steps)
 
     @abc.abstractmethod
     def sample(
@@ -247,3 +256,8 @@ class DataBundle:
     kind: Literal["image", "vector"] = "vector"
     log_prob: Callable[[Tensor], Tensor] | None = None
     train_shuffle: bool = True
+
+    @property
+    def planar(self) -> bool:
+        """2-D points, which can be drawn as a scatter plot with sampler paths."""
+        return self.kind == "vector" and tuple(self.shape) == (2,)

@@ -9,9 +9,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
+from torchdiffeq._impl.odeint import SOLVERS  # the solver names odeint accepts
 
 from .elbo import check_probe, divergence, probe_vector
+from .errors import InvalidArgument
 from .interfaces import bcast
+
+
+def check_method(method: str) -> str:
+    """One of torchdiffeq's solvers, else an InvalidArgument listing them."""
+    if method not in SOLVERS:
+        raise InvalidArgument("method", f"unknown ODE solver {method!r}; expected one of {', '.join(sorted(SOLVERS))}")
+    return method
 
 
 def ode_velocity(model, x: Tensor, t: Tensor) -> Tensor:
@@ -57,6 +66,7 @@ class ODEEstimator:
 
     def __init__(self, probe: str, t0: float, method: str, rtol: float, atol: float):
         check_probe(probe)
+        check_method(method)
         self.kwargs = {"probe": probe, "t0": t0, "method": method, "rtol": rtol, "atol": atol}
         self.nfe: list[int] = []
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .errors import require
@@ -65,9 +64,3 @@ class ExactScoreModel(DiffusionModel):
 
     def a(self, y: Tensor, t: Tensor) -> Tensor:
         return bcast(self.sde.g(t), y) * self.s(y, t)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

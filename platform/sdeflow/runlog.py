@@ -9,23 +9,31 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import write_text_atomic
+
 METRICS = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a torn last line (a crash or a full disk mid-write) is skipped."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     """Drop records logged after ``last_step`` (they belong to work a resumed run will redo)."""
     path = Path(run_dir) / METRICS
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    if path.exists():
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class RunLog:

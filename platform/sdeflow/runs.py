@@ -10,7 +10,7 @@ import attrs
 import torch
 import yaml
 
-from .build import Parts, build_data, build_model, check_experiment
+from .build import Parts, build_data, build_model, check_experiment, require_lambda_sampler
 from .checkpoint import load
 from .config import Experiment, build_component, check_component, read_yaml, structure
 from .distributed import DistContext
@@ -47,6 +47,8 @@ class Run:
     device: torch.device
     registry: Registry
     ctx: DistContext = attrs.field(factory=DistContext)
+    step: int = 0
+    """Training steps behind the loaded weights."""
 
     @property
     def checkpoint_path(self) -> Path:
@@ -58,7 +60,8 @@ class Run:
         cfg = self.exp.eval
         estimators = self.estimators(estimator or cfg.estimator, time_sampler, samples)
         self.ema.eval()
-        results = evaluate(self.ema, self.data, estimators, batch_size=batch_size or cfg.batch_size,
+        results = evaluate(self.ema, self.data, estimators,
+                           batch_size=cfg.batch_size if batch_size is None else batch_size,
                            seed=self.exp.seed, device=self.device, ctx=self.ctx, split=split,
                            max_examples=max_examples if max_examples is not None else cfg.max_examples)
         for name, estimate in estimators.items():
@@ -79,18 +82,18 @@ class Run:
         return out
 
     def sampler(self, lam: float | None = None):
+        """The experiment's sampler, with λ replaced when given (the sampler must take ``lam``)."""
         spec = dict(self.exp.components["sampler"])
         if lam is not None:
+            require_lambda_sampler(self.registry, self.exp, "--lam")
             spec["lam"] = lam
         checked = check_component(self.registry, "sampler", spec, f"{self.run_dir}/{CONFIG_FILE}")
         exp = attrs.evolve(self.exp, components={**self.exp.components, "sampler": checked})
         return build_component(self.registry, exp, "sampler")
 
     @torch.no_grad()
-    def draw(self, num: int, *, lam: float | None = None, steps: int | None = None, seed: int = 0,
-             trajectory: bool = False):
+    def draw(self, sampler, num: int, *, steps: int | None = None, seed: int = 0, trajectory: bool = False):
         """Samples in data space (and, with ``trajectory``, every state of the sampler in model space)."""
-        sampler = self.sampler(lam)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         x_T = self.ema.prior_sample((num, *self.data.shape), generator=generator, device=self.device)
         ts = sampler.time_grid(self.ema.sde, steps)
@@ -102,14 +105,15 @@ class Run:
 
     def save_samples(self, path: Path, *, num: int, lam: float | None = None, steps: int | None = None,
                      seed: int = 0) -> Path:
-        x, _ = self.draw(num, lam=lam, steps=steps, seed=seed)
-        used = getattr(self.sampler(lam), "lam", None)
+        sampler = self.sampler(lam)
+        x, _ = self.draw(sampler, num, steps=steps, seed=seed)
+        used = getattr(sampler, "lam", None)
         return save_samples(x, self.data.kind, path, title="samples" if used is None else f"samples (λ = {used:g})")
 
     def save_trajectories(self, path: Path, *, num: int, steps: int | None = None, seed: int = 0) -> Path:
         paths = {}
         for lam in (0.0, 1.0):
-            _, states = self.draw(num, lam=lam, steps=steps, seed=seed, trajectory=True)
+            _, states = self.draw(self.sampler(lam), num, steps=steps, seed=seed, trajectory=True)
             paths[f"λ = {lam:g}" + (" (reverse SDE)" if lam == 0 else " (probability-flow ODE)")] = states
         return save_trajectories(paths, path)
 
@@ -141,9 +145,10 @@ def open_run(run_dir: str | Path, registry: Registry | None = None) -> Run:
     registry = registry or default_registry()
     exp = structure(read_run_config(run_dir), str(Path(run_dir) / CONFIG_FILE), registry)
     run = build_run(exp, run_dir, registry=registry)
-    state = load(run.checkpoint_path, map_location=run.device)
+    state = load(run.checkpoint_path, map_location="cpu")
     run.model.load_state_dict(state["model"])
     run.ema.load_state_dict(state["ema"])
+    run.step = int(state["step"])
     return run
 
 

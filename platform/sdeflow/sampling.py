@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .build import require_lambda_sampler
 from .errors import SdeflowError
 from .runs import open_run
 
@@ -21,12 +22,12 @@ def trajectories_path(run_dir: Path, out: str | None) -> Path:
 
 
 def sample_from_cli(args) -> int:
-    if args.num is not None and args.num < 1:
-        raise SdeflowError(f"--num: must be at least 1, got {args.num}")
     run = open_run(args.run_dir)
-    if args.trajectories and not (run.data.kind == "vector" and tuple(run.data.shape) == (2,)):
+    if args.trajectories and not run.data.planar:
         raise SdeflowError(f"--trajectories: needs 2-D data; {run.run_dir} holds {run.data.kind} data "
                            f"of shape {tuple(run.data.shape)}")
+    if args.trajectories:
+        require_lambda_sampler(run.registry, run.exp, "--trajectories")
     cfg = run.exp.sample
     num = args.num if args.num is not None else cfg.num
     steps = args.steps if args.steps is not None else cfg.steps

@@ -7,7 +7,9 @@ grid values, and the command line's ``key=value`` overrides (the user's last wor
 from __future__ import annotations
 
 import csv
+import io
 import itertools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,12 +18,13 @@ from typing import Any
 import attrs
 
 from .build import check_experiment
-from .checkpoint import load
+from .checkpoint import write_text_atomic
 from .config import Experiment, apply_overrides, parse_override, read_yaml, structure
+from .distributed import DistContext, init_from_env, shutdown
 from .errors import ConfigError, SdeflowError
 from .registry import Registry, default_registry
 from .runlog import read_metrics
-from .runs import LAST
+from .runs import LAST, resolve_device
 
 BASE = "base"
 
@@ -87,25 +90,41 @@ def prepare(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str]
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    if not (run_dir / LAST).exists() or not (run_dir / "eval.json").exists():
+    """Trained to ``steps`` and evaluated (eval.json records the step of its weights)."""
+    path = run_dir / "eval.json"
+    if not (run_dir / LAST).exists() or not path.exists():
         return False
-    return int(load(run_dir / LAST).get("step", 0)) >= steps
+    steps_evaluated = [e.get("step", 0) for e in json.loads(path.read_text()).values() if isinstance(e, dict)]
+    return bool(steps_evaluated) and max(steps_evaluated) >= steps
 
 
 def run_sweep(path: str | Path, runs_dir: str | Path | None = None, overrides: Sequence[str] = (),
               only: Sequence[str] | None = None) -> Path:
+    """Check every variant, then run them in turn (under torchrun each one is distributed), then
+    write the summary."""
+    variants = prepare(path, overrides, only)
+    ctx = init_from_env(resolve_device(variants[0].exp.device, variants[0].exp.source))
+    try:
+        return _run_variants(path, variants, runs_dir, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run_variants(path, variants: list[Variant], runs_dir, ctx: DistContext) -> Path:
     from .trainer import train
 
-    variants = prepare(path, overrides, only)
     runs_dir = Path(runs_dir or Path("runs") / read_yaml(path).get("name", Path(path).stem))
     for v in variants:
         run_dir = runs_dir / v.name
         if finished(run_dir, v.exp.train.steps):
-            print(f"sdeflow: variant '{v.name}' already finished in {run_dir}; skipping")
+            if ctx.is_main:
+                print(f"sdeflow: variant '{v.name}' already finished in {run_dir}; skipping")
             continue
-        print(f"sdeflow: variant '{v.name}' → {run_dir}")
-        train(v.exp, run_dir)
-    write_summary(runs_dir, {v.name: v.changes for v in variants})
+        if ctx.is_main:
+            print(f"sdeflow: variant '{v.name}' → {run_dir}")
+        train(v.exp, run_dir, ctx=ctx)
+    if ctx.is_main:
+        write_summary(runs_dir, {v.name: v.changes for v in variants})
     return runs_dir
 
 
@@ -116,8 +135,6 @@ COLUMNS = ["variant", "changes", "steps", "wall_s", "it_per_s", "final_loss", "b
 
 
 def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
-    import json
-
     metrics = read_metrics(run_dir)
     train_records = [r for r in metrics if "loss" in r]
     result = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
@@ -165,13 +182,14 @@ def write_summary(runs_dir: str | Path, changes: Mapping[str, Mapping[str, Any]]
     if changes is None:
         changes = _changes_from_configs(runs_dir)
     rows = summary_rows(runs_dir, changes)
-    with open(runs_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(runs_dir / "summary.csv", table.getvalue())
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
-    (runs_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(runs_dir / "summary.md", "\n".join(lines) + "\n")
     plot_bpd(runs_dir, [r["variant"] for r in rows])
     print("\n".join(lines))
     return rows
@@ -221,6 +239,8 @@ def plot_bpd(runs_dir: Path, variants: Sequence[str]) -> Path | None:
 
 def sweep_from_cli(args) -> int:
     if args.summary:
+        if not Path(args.summary).is_dir():
+            raise SdeflowError(f"--summary: {args.summary} is not a folder of sweep runs")
         write_summary(args.summary)
         return 0
     if not args.experiment:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load, rng_state, save_atomic, set_rng_state
+from .checkpoint import derive_seed, load, rng_state, save_atomic, set_rng_state, write_text_atomic
 from .config import Experiment, load_experiment, plugin_versions
 from .data import train_batches
 from .distributed import DistContext, init_from_env, shutdown
@@ -37,7 +37,7 @@ def notice(message: str) -> None:
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+    return derive_seed(seed, "train", rank, step)
 
 
 @contextlib.contextmanager
@@ -67,7 +67,10 @@ class Trainer:
         if self.exp.train.channels_last and run.data.kind == "image":
             run.model.to(memory_format=torch.channels_last)
             run.ema.to(memory_format=torch.channels_last)
-        run.model.parameterization.network = self._wrap(self.raw_network)
+        # Pairs taken before wrapping: DDP and compile wrappers must not change what the EMA tracks.
+        self.ema_pairs = (list(run.ema.parameters()), [p.detach() for p in run.model.parameters()])
+        self.ddp_network = self.ctx.wrap(self.raw_network)  # one DDP wrapper for the whole run
+        run.model.parameterization.network = self._compile(self.ddp_network)
         self.log = self._open_log() if self.ctx.is_main else None
 
     # ------------------------------------------------------------------ set-up
@@ -80,12 +83,11 @@ class Trainer:
                 notice("precision bf16 needs a CUDA device with bf16 support; training in fp32")
         return contextlib.nullcontext
 
-    def _wrap(self, network: torch.nn.Module, compile: bool | None = None) -> torch.nn.Module:
-        network = self.ctx.wrap(network)
-        self.compiled = self.exp.train.compile if compile is None else compile
+    def _compile(self, network: torch.nn.Module) -> torch.nn.Module:
+        self.compiled = self.exp.train.compile
         if self.compiled:
             try:
-                network = torch.compile(network)
+                return torch.compile(network)
             except Exception as e:  # no compiler backend at all
                 self._compile_failed(e)
         return network
@@ -105,7 +107,7 @@ class Trainer:
             return self.train_step(x)
         except Exception as e:
             self._compile_failed(e)
-            self.run.model.parameterization.network = self._wrap(self.raw_network, compile=False)
+            self.run.model.parameterization.network = self.ddp_network
             set_rng_state(before)  # the eager step draws the same noise the compiled one would have
             return self.train_step(x)
 
@@ -120,13 +122,17 @@ class Trainer:
             shutil.move(str(run_dir), backup)
             notice(f"--restart: moved the previous run to {backup}")
         self.ctx.barrier()
-        if ckpt.exists():
+        if (run_dir / CONFIG_FILE).exists():  # a run was started here, checkpointed or not
             self._check_same_experiment()
-            self._resume(load(ckpt, map_location=self.run.device))
+        if ckpt.exists():
+            # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device.
+            self._resume(load(ckpt, map_location="cpu"))
+        self.ctx.barrier()  # every rank has read the old config before rank 0 replaces it
         if self.ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(run_dir, self.step)  # records after the checkpoint belong to lost work
             plugins = plugin_versions(self.run.registry, self.exp)
-            (run_dir / CONFIG_FILE).write_text(dump_config(self.exp, plugins))
+            write_text_atomic(run_dir / CONFIG_FILE, dump_config(self.exp, plugins))
 
     def _check_same_experiment(self) -> None:
         """Resuming with other components would load weights into the wrong model: refuse."""
@@ -150,7 +156,6 @@ class Trainer:
         self.elapsed = float(state.get("elapsed", 0.0))
         set_rng_state(state["rng"])
         if self.ctx.is_main:
-            truncate_metrics(self.run.run_dir, self.step)
             notice(f"resuming {self.run.run_dir} from step {self.step}")
 
     def _open_log(self) -> RunLog:
@@ -182,8 +187,7 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         cfg = self.exp.train
-        ema_params = list(self.run.ema.parameters())
-        params = [p.detach() for p in self.run.model.parameters()]
+        ema_params, params = self.ema_pairs
         if cfg.ema == 0:
             torch._foreach_copy_(ema_params, params)
         else:
@@ -294,7 +298,7 @@ class Trainer:
                               lam=self.exp.sample.lam, seed=self.exp.seed)
         if self.log:
             self.log.image("samples", image_for_tensorboard(path), self.step)
-        if self.exp.sample.trajectories and self.run.data.kind == "vector" and self.run.data.shape == (2,):
+        if self.exp.sample.trajectories and self.run.data.planar:
             self.run.save_trajectories(self.run.run_dir / "samples" / "trajectories.png",
                                        num=self.exp.sample.num, steps=self.exp.sample.steps, seed=self.exp.seed)
         self.run.model.train()
@@ -305,7 +309,7 @@ class Trainer:
         results = self.evaluate()
         self.samples()
         if self.ctx.is_main:
-            write_eval(self.run.run_dir, results, {"step": self.step, "split": "test"})
+            write_eval(self.run.run_dir, results, step=self.step)
             print(format_results(results, self.run.data.kind))
             if self.log:
                 main = results.get("elbo", {})

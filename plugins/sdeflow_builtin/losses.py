@@ -10,7 +10,7 @@ from torch import Tensor
 from sdeflow.elbo import check_probe, elbo
 from sdeflow.errors import require
 from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import Loss, TimeSampler, bcast, flat_sum
+from sdeflow.interfaces import Loss, TimeSampler, bcast, flat_sum, randn_like
 
 
 def dsm_per_time(model, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
@@ -35,7 +35,7 @@ class DSM(Loss):
     def __call__(self, model, x: Tensor, time_sampler: TimeSampler, *, generator=None) -> Tensor:
         t, q = time_sampler.sample(model.sde, x.shape[0], device=x.device, generator=generator)
         t, q = t.to(x.dtype), q.to(x.dtype)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = randn_like(x, generator)
         return self.weight(model.sde, t) / q * dsm_per_time(model, x, t, eps)
 
 

@@ -11,13 +11,9 @@ from torch import Tensor
 
 from sdeflow.errors import require
 from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import Sampler, bcast, flat_sum
-from sdeflow.likelihood import ode_sample
+from sdeflow.interfaces import Sampler, bcast, flat_sum, randn_like
+from sdeflow.likelihood import check_method, ode_sample
 from sdeflow.model import check_lambda
-
-
-def _randn(like: Tensor, generator) -> Tensor:
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 class EulerMaruyama(Sampler):
@@ -34,7 +30,7 @@ class EulerMaruyama(Sampler):
     def predictor(self, model, x: Tensor, t: Tensor, dt: Tensor, noise: bool, generator) -> Tensor:
         x = x + dt * model.mu_lambda(x, t, self.lam)
         if noise and self.lam < 1:
-            x = x + dt.sqrt() * bcast(model.sigma_lambda(t, self.lam), x) * _randn(x, generator)
+            x = x + dt.sqrt() * bcast(model.sigma_lambda(t, self.lam), x) * randn_like(x, generator)
         return x
 
     def corrector(self, model, x: Tensor, t: Tensor, generator) -> Tensor:
@@ -69,7 +65,7 @@ class PredictorCorrector(EulerMaruyama):
     def corrector(self, model, x: Tensor, t: Tensor, generator) -> Tensor:
         for _ in range(self.corrector_steps):
             score = model.s(x, t)
-            z = _randn(x, generator)
+            z = randn_like(x, generator)
             # One step size for the batch, from batch-averaged norms: a per-example ratio would blow up
             # near modes (‖s‖ → 0) and no longer leave the target distribution invariant.
             ratio = flat_sum(z**2).sqrt().mean() / flat_sum(score**2).sqrt().mean().clamp(min=1e-12)
@@ -89,6 +85,7 @@ class ODE(Sampler):
     def __init__(self, steps: int = 100, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5):
         require(steps >= 1, "steps", f"must be at least 1, got {steps}")
         require(rtol > 0 and atol > 0, "rtol", "tolerances must be positive")
+        check_method(method)
         self.steps, self.method, self.rtol, self.atol = steps, method, rtol, atol
 
     @torch.no_grad()

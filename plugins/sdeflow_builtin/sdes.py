@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -61,8 +62,9 @@ class VPSDE(_LinearBeta):
     def sigma(self, t: Tensor) -> Tensor:
         return torch.sqrt(-torch.expm1(-self.B(t)))
 
-    @property
+    @functools.cached_property
     def likelihood_time_density(self) -> TimeDensity:
+        """Closed form (MATH.md §6), built once per SDE."""
         return VPLikelihoodTimeDensity(self)
 
 
