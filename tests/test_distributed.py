@@ -74,7 +74,7 @@ def test_ddp_gradient_equals_single_process_gradient_on_the_union(tmp_path):
     assert any(g.abs().sum() > 0 for g in ddp_grads)
 
 
-def _eval_worker(rank: int, store: str, out: str) -> None:
+def _eval_worker(rank: int, store: str, out: str, n_test: int) -> None:
     from sdeflow.config import EvalConfig
     from sdeflow.evaluate import elbo_estimator, evaluate
     from sdeflow_builtin.datasets import gaussian
@@ -82,7 +82,7 @@ def _eval_worker(rank: int, store: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     ctx = DistContext(rank, WORLD, rank, torch.device("cpu"))
-    data = gaussian(dim=3, n=16, n_test=50)
+    data = gaussian(dim=3, n=16, n_test=n_test)
     results = evaluate(_tiny_model(), data, {"elbo": elbo_estimator(EvalConfig(), Uniform())}, batch_size=8,
                        seed=0, device=torch.device("cpu"), ctx=ctx)
     if rank == 0:
@@ -90,19 +90,20 @@ def _eval_worker(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_distributed_eval_equals_single_process_eval(tmp_path):
+@pytest.mark.parametrize("n_test", [50, 8], ids=["every-rank-has-batches", "rank-1-has-none"])
+def test_distributed_eval_equals_single_process_eval(tmp_path, n_test):
     from sdeflow.config import EvalConfig
     from sdeflow.evaluate import elbo_estimator, evaluate
     from sdeflow_builtin.datasets import gaussian
     from sdeflow_builtin.time_samplers import Uniform
 
     out = tmp_path / "eval.json"
-    mp.spawn(_eval_worker, args=(str(tmp_path / "store"), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_eval_worker, args=(str(tmp_path / "store"), str(out), n_test), nprocs=WORLD, join=True)
     distributed = json.loads(out.read_text())
-    single = evaluate(_tiny_model(), gaussian(dim=3, n=16, n_test=50),
+    single = evaluate(_tiny_model(), gaussian(dim=3, n=16, n_test=n_test),
                       {"elbo": elbo_estimator(EvalConfig(), Uniform())}, batch_size=8, seed=0,
                       device=torch.device("cpu"))
-    assert distributed["elbo"]["n"] == single["elbo"]["n"] == 50  # every example exactly once
+    assert distributed["elbo"]["n"] == single["elbo"]["n"] == n_test  # every example exactly once
     for key in ("bpd", "bpd_se", "nats"):
         assert distributed["elbo"][key] == pytest.approx(single["elbo"][key], rel=1e-9, abs=1e-9)
     assert distributed["exact"]["bpd"] == pytest.approx(single["exact"]["bpd"], rel=1e-12)
