@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 
@@ -38,7 +39,7 @@ def save_samples(x: Tensor, kind: str, path: str | Path, title: str = "") -> Pat
     return path
 
 
-def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 24) -> Path:
+def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 16) -> Path:
     """One panel per label (e.g. λ = 0, λ = 1): each 2-D path drawn from the prior to the data
     (the paper's Figure 5). ``paths[label]`` has shape (states, N, 2)."""
     path = Path(path)
@@ -47,7 +48,9 @@ def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 24
     fig, axes = plt.subplots(1, len(paths), figsize=(4 * len(paths), 4), squeeze=False)
     for ax, (label, traj) in zip(axes[0], paths.items()):
         traj = traj.float()
-        ax.plot(traj[:, :show, 0], traj[:, :show, 1], lw=0.5, alpha=0.6)
+        stride = max(1, (traj.shape[0] - 1) // 60)  # ~60 points a path: the shape, not every jitter
+        coarse = torch.cat([traj[:-1:stride], traj[-1:]])
+        ax.plot(coarse[:, :show, 0], coarse[:, :show, 1], lw=0.6, alpha=0.7)
         ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=2, c="k", alpha=0.5)
         ax.set_title(label)
         ax.set_aspect("equal")
