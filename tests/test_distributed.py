@@ -58,6 +58,7 @@ def _ddp_grad_worker(rank: int, store: str, out: str) -> None:
     dsm_per_time(model, x, t, eps).mean().backward()
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], out)
+    dist.barrier()  # leave together: an early teardown can abort the other rank
     dist.destroy_process_group()
 
 
@@ -87,6 +88,7 @@ def _eval_worker(rank: int, store: str, out: str, n_test: int) -> None:
                        seed=0, device=torch.device("cpu"), ctx=ctx)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    dist.barrier()  # leave together: an early teardown can abort the other rank
     dist.destroy_process_group()
 
 

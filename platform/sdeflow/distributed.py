@@ -83,5 +83,8 @@ def init_from_env(device: torch.device) -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group together: a rank that tears its group down while rank 0 is still
+    writing files can abort (gloo: "terminate called without an active exception")."""
     if ctx.active and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
