@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 
-def _pyplot():
+def pyplot_agg():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +29,7 @@ def save_samples(x: Tensor, kind: str, path: str | Path, title: str = "") -> Pat
 
         save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(x.shape[0]))))
         return path
-    plt = _pyplot()
+    plt = pyplot_agg()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
     ax.set_aspect("equal")
@@ -44,7 +45,7 @@ def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 16
     (the paper's Figure 5). ``paths[label]`` has shape (states, N, 2)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot_agg()
     fig, axes = plt.subplots(1, len(paths), figsize=(4 * len(paths), 4), squeeze=False)
     for ax, (label, traj) in zip(axes[0], paths.items()):
         traj = traj.float()

@@ -209,9 +209,9 @@ def _changes_from_configs(runs_dir: Path) -> dict[str, dict[str, Any]]:
 
 def plot_bpd(runs_dir: Path, variants: Sequence[str]) -> Path | None:
     """bpd vs step with ±1 s.e. bands, one line per variant."""
-    from .figures import _pyplot
+    from .figures import pyplot_agg
 
-    plt = _pyplot()
+    plt = pyplot_agg()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for name in variants:

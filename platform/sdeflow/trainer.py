@@ -272,13 +272,15 @@ class Trainer:
         return float(mean_loss)
 
     def periodic(self) -> None:
+        """Evaluation, samples and checkpoints due at this step; the final step's are done by finish()."""
         cfg = self.exp.train
-        final = self.step == cfg.steps
-        if cfg.eval_every and self.step % cfg.eval_every == 0 and not final:
+        if self.step == cfg.steps:
+            return
+        if self._due(cfg.eval_every):
             self.evaluate()
-        if cfg.sample_every and self.step % cfg.sample_every == 0 and not final:
+        if self._due(cfg.sample_every):
             self.samples()
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not final:
+        if self._due(cfg.checkpoint_every):
             self.save()
 
     def evaluate(self) -> dict[str, Any]:
@@ -287,7 +289,6 @@ class Trainer:
             main = results.get("elbo") or next(iter(results.values()))
             extra = {"exact_bpd": results["exact"]["bpd"]} if "exact" in results else {}
             self.log.log(self.step, bpd=main["bpd"], bpd_se=main["bpd_se"], elbo=-main["nats"], **extra)
-        self.run.model.train()
         return results
 
     def samples(self) -> None:
@@ -301,7 +302,6 @@ class Trainer:
         if self.exp.sample.trajectories and self.run.data.planar:
             self.run.save_trajectories(self.run.run_dir / "samples" / "trajectories.png",
                                        num=self.exp.sample.num, steps=self.exp.sample.steps, seed=self.exp.seed)
-        self.run.model.train()
 
     def finish(self, trained: bool) -> dict[str, Any]:
         if trained:
