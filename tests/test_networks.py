@@ -11,7 +11,7 @@ from sdeflow.registry import build_registry
 from sdeflow.schema import check_arguments
 from sdeflow_builtin.networks import MLP, UNet
 from sdeflow_builtin.networks.embedding import batch_times, sinusoidal_embedding
-from sdeflow_builtin.networks.unet import SelfAttention
+from sdeflow_builtin.networks.unet import SelfAttention, Upsample
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
 
@@ -171,6 +171,38 @@ def test_channels_last_matches_contiguous():
         net = net.to(memory_format=torch.channels_last)
         out = net(y.contiguous(memory_format=torch.channels_last), tau)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_as_one_transposed_conv_equals_interpolate_then_conv(channels_last):
+    """The ×2 fast path is the same function as nearest ×2 then the 3×3 conv: output and gradients."""
+    torch.manual_seed(0)
+    up = Upsample(5, with_conv=True).double()
+    with torch.no_grad():
+        up.conv.bias.normal_()
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    if channels_last:
+        up, x = up.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    size = torch.Size((8, 6))
+    fast = up(x, size)
+    slow = up.conv(torch.nn.functional.interpolate(x, size=size, mode="nearest"))
+    assert fast.shape == slow.shape == (2, 5, 8, 6)
+    assert fast.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
+    g = torch.randn_like(fast)
+    grads = [torch.autograd.grad(out, (x, up.conv.weight, up.conv.bias), g) for out in (fast, slow)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_upsample_to_an_odd_size_interpolates_then_convolves():
+    torch.manual_seed(0)
+    up = Upsample(3, with_conv=True).double()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    out = up(x, torch.Size((7, 8)))
+    expected = up.conv(torch.nn.functional.interpolate(x, size=(7, 8), mode="nearest"))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_torch_compile_matches_eager_with_dynamic_batch_size():
