@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import yaml
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .errors import ConfigError, SdeflowError, did_you_mean
 from .hookspecs import KINDS
 from .registry import default_registry, plugin_components
@@ -185,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse(build_parser(), argv)
     except SystemExit as e:  # usage errors (status 2), --help and --version (status 0)
         return e.code if isinstance(e.code, int) else 0
+    keep_freed_memory()
     try:
         with warnings.catch_warnings():
             if not args.debug:
