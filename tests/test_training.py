@@ -252,3 +252,17 @@ def test_training_batches_started_mid_run_continue_the_same_order():
     assert all(torch.equal(a, b) for a, b in zip(whole[4:], tail, strict=True))
     dataset = torch.utils.data.TensorDataset(data)  # the DataLoader path gives the same batches
     assert all(torch.equal(a, b) for a, b in zip(whole, train_batches(dataset, 8, 1, 0, 9), strict=True))
+
+
+def test_adam_is_fused_where_pytorch_has_a_fused_kernel_and_plain_elsewhere():
+    cpu = sdeflow.trainer.adam([torch.nn.Parameter(torch.zeros(3))], 1e-3)
+    assert cpu.defaults["fused"] is True
+    # A device without a fused kernel must not ask for one (torch would refuse at construction).
+    meta = sdeflow.trainer.adam([torch.nn.Parameter(torch.zeros(3, device="meta"))], 1e-3)
+    assert not meta.defaults["fused"]
+    # The fused update is Adam: one step matches the textbook formula, lr·g/(|g|+eps) at step 1.
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = sdeflow.trainer.adam([p], 0.1)
+    p.grad = torch.tensor([0.5, -4.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9]), rtol=0, atol=1e-6)
