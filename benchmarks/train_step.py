@@ -9,9 +9,10 @@ with FlopCounterMode over one eager step), the achieved GFLOP/s, this machine's 
 memory. Each variant runs in a fresh process, so compile caches, allocator state and peak memory do
 not leak between variants.
 
-Variants: ``eager``; ``channels_last`` (weights and data in NHWC); ``compile`` (``torch.compile`` of
-the network, NCHW); ``compile_cl`` (both); ``bf16`` (autocast), ``bf16_cl``, ``bf16_compile`` and
-``bf16_compile_cl``. A ``_cl`` suffix always means channels_last. The bf16 variants run by default
+Variants: ``eager``; ``channels_last`` (weights and data in NHWC; on the CPU GroupNorm+SiLU then run
+as sdeflow's fused kernel); ``compile`` (``torch.compile`` of the network, NCHW); ``compile_cl``
+(both; the compiled graph uses PyTorch's GroupNorm); ``bf16`` (autocast), ``bf16_cl``, ``bf16_compile``
+and ``bf16_compile_cl``. A ``_cl`` suffix always means channels_last. The bf16 variants run by default
 on GPU only; on a CPU with bf16 matrix units (AMX) name them with ``--variants``.
 """
 
