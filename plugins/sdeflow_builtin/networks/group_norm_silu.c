@@ -1,7 +1,9 @@
-/* SiLU(GroupNorm(x)) on float32 channels-last (N, HW, C) memory, forward and backward in one pass each.
+/* SiLU(GroupNorm(x)) on float32 channels-last (N, HW, C) memory: two passes over it forward (statistics,
+ * output) and two backward (dy and its sums, dx), each vectorised along the contiguous channels.
  *
  * Built and loaded by group_norm_silu.py, which also holds the PyTorch reference it is tested against.
  * Statistics are accumulated in double. Group g holds channels [g*D, (g+1)*D), D = C/G, M = HW*D.
+ * Per-channel scratch lives on the thread's stack (a few doubles per channel, no allocation to fail).
  *
  *   forward:  mu, rstd per (n, g); a_c = gamma_c*rstd, b_c = beta_c - mu*a_c; y = a_c*x + b_c; out = silu(y)
  *   backward: dy = dout * s * (1 + y*(1 - s)), s = sigmoid(y)
@@ -10,7 +12,6 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 static void scale_shift(const float *gamma, const float *beta, const double *mean, const double *rstd,
                         int64_t C, int64_t D, float *a, float *b) {
@@ -28,8 +29,10 @@ void gn_silu_forward(const float *x, const float *gamma, const float *beta, floa
     for (int64_t n = 0; n < N; ++n) {
         const float *xn = x + n * HW * C;
         float *on = out + n * HW * C;
-        double *s1 = calloc(2 * C, sizeof(double)), *s2 = s1 + C;
-        float *a = malloc(2 * C * sizeof(float)), *b = a + C;
+        double s1[C], s2[C];
+        float a[C], b[C];
+        for (int64_t c = 0; c < C; ++c)
+            s1[c] = s2[c] = 0;
         for (int64_t i = 0; i < HW; ++i) {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
@@ -56,8 +59,6 @@ void gn_silu_forward(const float *x, const float *gamma, const float *beta, floa
                 on[i * C + c] = y / (1.0f + expf(-y));
             }
         }
-        free(s1);
-        free(a);
     }
 }
 
@@ -73,8 +74,10 @@ void gn_silu_backward(const float *dout, const float *x, const float *gamma, con
         const float *xn = x + n * HW * C, *gn = dout + n * HW * C;
         float *dxn = dx + n * HW * C;
         const double *mu = mean + n * G, *rs = rstd + n * G;
-        double *S1 = calloc(2 * C, sizeof(double)), *S2 = S1 + C;
-        float *a = malloc(5 * C * sizeof(float)), *b = a + C, *A = b + C, *B = A + C, *K = B + C;
+        double S1[C], S2[C];
+        float a[C], b[C], A[C], B[C], K[C];
+        for (int64_t c = 0; c < C; ++c)
+            S1[c] = S2[c] = 0;
         scale_shift(gamma, beta, mu, rs, C, D, a, b);
         /* pass 1: dy (kept in dx), and its per-channel sums with and without x */
         for (int64_t i = 0; i < HW; ++i) {
@@ -110,7 +113,5 @@ void gn_silu_backward(const float *dout, const float *x, const float *gamma, con
             for (int64_t c = 0; c < C; ++c)
                 dxn[i * C + c] = A[c] * dxn[i * C + c] + B[c] * xn[i * C + c] + K[c];
         }
-        free(S1);
-        free(a);
     }
 }

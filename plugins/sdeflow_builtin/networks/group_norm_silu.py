@@ -2,7 +2,7 @@
 
 PyTorch's CPU GroupNorm is fast on NCHW tensors but 3–5× slower on channels_last ones when a group has
 only a few channels (1–4 in the MNIST preset), which cancels the ~17 % that channels_last saves in the
-convolutions. ``group_norm_silu.c`` does both layers in one pass over the NHWC memory forward and two
+convolutions. ``group_norm_silu.c`` does both layers in two passes over the NHWC memory forward and two
 backward (statistics in double), at or below the cost of PyTorch's NCHW pair. It is compiled once per
 machine with the system C compiler (well under a second) into a cache folder and loaded with ctypes;
 its OpenMP loop runs on the thread pool PyTorch already loaded.
