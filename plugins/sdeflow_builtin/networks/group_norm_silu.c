@@ -13,6 +13,10 @@
 #include <math.h>
 #include <stdint.h>
 
+/* exp(-y) is capped below float's overflow: with -ffast-math, 1/(1 + inf) becomes a reciprocal estimate
+ * whose refinement step gives 0*inf = NaN. silu and sigmoid are ~1e-35 there either way. */
+#define EXP_MAX 80.0f
+
 static void scale_shift(const float *gamma, const float *beta, const double *mean, const double *rstd,
                         int64_t C, int64_t D, float *a, float *b) {
     for (int64_t c = 0; c < C; ++c) {
@@ -56,7 +60,7 @@ void gn_silu_forward(const float *x, const float *gamma, const float *beta, floa
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 float y = a[c] * xn[i * C + c] + b[c];
-                on[i * C + c] = y / (1.0f + expf(-y));
+                on[i * C + c] = y / (1.0f + expf(fminf(-y, EXP_MAX)));
             }
         }
     }
@@ -83,7 +87,7 @@ void gn_silu_backward(const float *dout, const float *x, const float *gamma, con
         for (int64_t i = 0; i < HW; ++i) {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                float v = xn[i * C + c], y = a[c] * v + b[c], s = 1.0f / (1.0f + expf(-y));
+                float v = xn[i * C + c], y = a[c] * v + b[c], s = 1.0f / (1.0f + expf(fminf(-y, EXP_MAX)));
                 float dy = gn[i * C + c] * s * (1.0f + y * (1.0f - s));
                 dxn[i * C + c] = dy;
                 S1[c] += dy;
