@@ -46,6 +46,11 @@ def group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
     return F.silu(norm(x))
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """A 4-D tensor laid out NHWC in memory (and not also NCHW, as size-1 channel or spatial dims allow)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 MAX_CHANNELS = 8192  # the kernel keeps ~40 bytes per channel on each thread's stack
 
 
@@ -54,8 +59,7 @@ def _fused_applies(x: Tensor, norm: nn.GroupNorm) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
+        and is_channels_last(x)
         and norm.affine
         and x.shape[1] == norm.num_channels <= MAX_CHANNELS  # else PyTorch raises the usual error
         and norm.weight.dtype == norm.bias.dtype == torch.float32

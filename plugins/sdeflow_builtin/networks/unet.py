@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from sdeflow.errors import require
 
 from .embedding import TimeEmbedding
-from .group_norm_silu import group_norm_silu
+from .group_norm_silu import group_norm_silu, is_channels_last
 
 PRESETS: dict[str, dict[str, object]] = {
     # sdeflow-light's train_img.py configurations (1,539,329 and 35,746,307 parameters).
@@ -166,13 +166,9 @@ class Upsample(nn.Module):
             return self.conv(F.interpolate(x, size=size, mode="nearest"))
         # conv_transpose2d wants (in, out, kH, kW); keep the input's memory format for oneDNN.
         kernel = _merge_taps(_merge_taps(self.conv.weight, 2), 3).transpose(0, 1)
-        layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         return F.conv_transpose2d(x, kernel.contiguous(memory_format=layout), self.conv.bias, stride=2,
                                   padding=1)
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class Level(nn.Module):
