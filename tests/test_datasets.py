@@ -13,14 +13,16 @@ import torch
 import torchvision.datasets.cifar
 import torchvision.datasets.mnist
 from scipy.stats import multivariate_normal
+from torch.utils.data import Subset
 
 from fakedata import use_fake_cifar10_checksums, write_cifar10, write_mnist
+from sdeflow.checkpoint import derive_seed
 from sdeflow.errors import DataError, InvalidArgument
 from sdeflow.registry import DISABLE_ENV, build_registry
 from sdeflow.schema import check_arguments
 from sdeflow.transforms import Dequantize, Identity, bits_per_dim
 from sdeflow_builtin import datasets
-from sdeflow_builtin.datasets import cifar10, gaussian, mnist, swissroll
+from sdeflow_builtin.datasets import cifar10, gaussian, mnist, swissroll, swissroll_points
 
 
 def stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +62,11 @@ def test_registered_through_the_entry_point_with_typed_defaults(monkeypatch):
     assert {"root", "download", "logit_alpha"} <= set(registry.get("data", "mnist").arguments)
     assert {"root", "download", "logit_alpha", "hflip"} <= set(registry.get("data", "cifar10").arguments)
     assert {"n", "n_test", "seed"} <= set(registry.get("data", "swissroll").arguments)
+    val_defaults = {"swissroll": 2000, "gaussian": 2000, "mnist": 5000, "cifar10": 5000}
+    for name, n_val in val_defaults.items():  # every built-in set offers a val split by default
+        assert registry.get("data", name).arguments["n_val"].default == n_val
+    for name in ("mnist", "cifar10"):
+        assert registry.get("data", name).arguments["split_seed"].default == 0
 
 
 def test_yaml_values_fit_the_gaussian_schema():
@@ -76,6 +83,8 @@ def test_yaml_values_fit_the_gaussian_schema():
         (swissroll, {"n": 0}, "n"),
         (swissroll, {"n_test": -1}, "n_test"),
         (swissroll, {"noise": -0.1}, "noise"),
+        (swissroll, {"n_val": 0}, "n_val"),
+        (gaussian, {"n_val": -1}, "n_val"),
         (gaussian, {"dim": 0}, "dim"),
         (gaussian, {"n": 0}, "n"),
         (gaussian, {"std": 0.0}, "std"),
@@ -84,6 +93,8 @@ def test_yaml_values_fit_the_gaussian_schema():
         (gaussian, {"dim": 2, "mean": (1.0, 2.0, 3.0)}, "mean"),
         (mnist, {"logit_alpha": 0.5, "root": "/nonexistent"}, "logit_alpha"),
         (cifar10, {"logit_alpha": -0.1, "root": "/nonexistent"}, "logit_alpha"),
+        (mnist, {"n_val": -1, "root": "/nonexistent"}, "n_val"),  # checked before the files are looked for
+        (cifar10, {"n_val": -1, "root": "/nonexistent"}, "n_val"),
     ],
 )
 def test_bad_arguments_name_the_argument(factory, kwargs, argument):
@@ -97,7 +108,7 @@ def test_bad_arguments_name_the_argument(factory, kwargs, argument):
 
 def test_swissroll_shapes_and_kind():
     bundle = swissroll(n=500, n_test=100)
-    assert bundle.train.shape == (500, 2) and bundle.test.shape == (100, 2)
+    assert bundle.train.shape == (500, 2) and bundle.test.shape == (100, 2) and bundle.val.shape == (2000, 2)
     assert bundle.train.dtype == torch.float32
     assert bundle.shape == (2,) and bundle.kind == "vector" and bundle.log_prob is None
     assert isinstance(bundle.transform, Identity)
@@ -172,13 +183,56 @@ def test_gaussian_score_of_the_diffused_marginal_matches_autograd():
     assert torch.allclose(density.marginal_log_prob(y.detach()), density(y.detach()), atol=1e-10)
 
 
+def _streams_before_val_splits(seed: int) -> list[torch.Generator]:
+    """The toy data sets' (parameters, train, test) generators as derived before val splits existed."""
+    seeds = torch.randint(2**62, (3,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_toy_train_and_test_are_those_from_before_val_splits():
+    """Adding the val stream leaves every seed's train and test points bit-identical, so results in
+    existing run folders stay comparable."""
+    _, train_gen, test_gen = _streams_before_val_splits(3)
+    roll = swissroll(n=300, n_test=50, seed=3)
+    assert torch.equal(roll.train, swissroll_points(300, 0.5, 0.2, train_gen))
+    assert torch.equal(roll.test, swissroll_points(50, 0.5, 0.2, test_gen))
+    params, train_gen, test_gen = _streams_before_val_splits(3)
+    bundle = gaussian(dim=3, n=300, n_test=50, seed=3)
+    u_mean, _ = torch.rand(2, 3, generator=params, dtype=torch.float64)
+    assert torch.equal(bundle.log_prob.mean, 2 * u_mean - 1)  # the parameters' stream is the old one too
+    assert torch.equal(bundle.train, bundle.log_prob.sample(300, generator=train_gen))
+    assert torch.equal(bundle.test, bundle.log_prob.sample(50, generator=test_gen))
+
+
+def test_toy_val_is_drawn_from_its_own_hashed_stream():
+    def val_gen():
+        return torch.Generator().manual_seed(derive_seed(3, "val"))
+
+    roll = swissroll(n=10, n_test=10, n_val=40, seed=3)
+    assert torch.equal(roll.val, swissroll_points(40, 0.5, 0.2, val_gen()))
+    bundle = gaussian(dim=2, n=10, n_test=10, n_val=40, seed=3)
+    assert torch.equal(bundle.val, bundle.log_prob.sample(40, generator=val_gen()))
+
+
+@pytest.mark.parametrize("factory", [swissroll, gaussian])
+def test_toy_val_is_held_out_and_does_not_depend_on_n(factory):
+    bundle = factory(n=300, n_test=50, n_val=40, seed=3)
+    assert bundle.val.shape == (40, 2) and bundle.val.dtype == torch.float32
+    for split in (bundle.train, bundle.test):  # no val point is a train or test point
+        assert torch.cdist(bundle.val, split).min() > 0
+    assert torch.equal(factory(n=100, n_test=20, n_val=40, seed=3).val, bundle.val)
+    assert torch.equal(factory(n=300, n_test=50, n_val=40, seed=3).val, bundle.val)
+    assert not torch.allclose(factory(n=300, n_test=50, n_val=40, seed=4).val, bundle.val)
+
+
 # --- MNIST ----------------------------------------------------------------------------------------
 
 
 def test_mnist_round_trips_through_torchvision(tmp_path):
     written = write_mnist(tmp_path, n_train=20, n_test=10)
-    bundle = mnist(root=str(tmp_path), download=False)
+    bundle = mnist(root=str(tmp_path), download=False, n_val=0)  # no hold-out: train is every training file
     assert bundle.shape == (1, 28, 28) and bundle.kind == "image" and bundle.train_shuffle
+    assert bundle.val is None
     assert isinstance(bundle.transform, Dequantize) and bundle.transform.bits_offset == 8
     assert len(bundle.train) == 20 and len(bundle.test) == 10
     splits = [
@@ -231,7 +285,7 @@ def test_mnist_corrupt_file_is_a_data_error(tmp_path):
 def test_dequantize_on_mnist_has_the_closed_form_log_det(tmp_path):
     """MATH.md §5: z = logit(s), s = α + (1 − 2α) x̃, log|det| = Σ_d [log(1 − 2α) − log(s_d (1 − s_d))]."""
     write_mnist(tmp_path, n_train=8, n_test=4)
-    bundle = mnist(root=str(tmp_path), download=False, logit_alpha=0.05)
+    bundle = mnist(root=str(tmp_path), download=False, logit_alpha=0.05, n_val=2)
     x, _ = stack(bundle.test)
     z, log_det = bundle.transform.forward(x, generator=torch.Generator().manual_seed(0))
     assert z.shape == x.shape and torch.isfinite(z).all() and log_det.shape == (4,)
@@ -248,6 +302,53 @@ def test_dequantize_on_mnist_has_the_closed_form_log_det(tmp_path):
     assert torch.allclose(bpd, torch.full_like(bpd, 8.0))
 
 
+def test_hold_out_indices_come_from_a_permutation_seeded_by_split_seed_and_name():
+    generator = torch.Generator().manual_seed(derive_seed(7, "val-split", "cifar10"))
+    order = torch.randperm(50, generator=generator).tolist()
+    train, val = datasets.hold_out_indices("cifar10", 50, 8, 7)
+    assert val == order[:8] and train == sorted(order[8:])
+    assert datasets.hold_out_indices("mnist", 50, 8, 7)[1] != val  # the data set's name enters the seed
+    train, val = datasets.hold_out_indices("mnist", 60000, 5000, 0)  # the real sizes
+    assert len(val) == 5000 and sorted(train + val) == list(range(60000))
+
+
+def test_mnist_val_is_a_seeded_hold_out_of_the_training_files(tmp_path):
+    written = write_mnist(tmp_path, n_train=20, n_test=10)
+    bundle = mnist(root=str(tmp_path), download=False, n_val=5)
+    train, val = bundle.train, bundle.val
+    assert isinstance(train, Subset) and isinstance(val, Subset)
+    assert val.dataset is train.dataset and val.dataset.train and not bundle.test.train
+    assert len(train) == 15 and len(val) == 5 and len(bundle.test) == 10
+    assert sorted(train.indices + val.indices) == list(range(20))  # disjoint, and every training file
+    assert train.indices == sorted(train.indices)
+    x, y = stack(val)
+    assert torch.equal(as_bytes(x), torch.from_numpy(written.train[val.indices]))
+    assert torch.equal(y, torch.from_numpy(written.train_labels[val.indices]).long())
+    x, _ = stack(bundle.test)
+    assert torch.equal(as_bytes(x), torch.from_numpy(written.test))  # the test split is unchanged
+
+    def val_indices(**kwargs):
+        return mnist(root=str(tmp_path), download=False, **kwargs).val.indices
+
+    assert val_indices(n_val=5) == val.indices
+    assert val_indices(n_val=5, split_seed=1) != val.indices
+    assert val_indices(n_val=3) == val.indices[:3]  # a smaller hold-out keeps a prefix of a larger one
+
+
+def test_n_val_must_leave_training_examples(tmp_path, monkeypatch):
+    write_mnist(tmp_path, n_train=20, n_test=4)
+    write_cifar10(tmp_path, n_train=12, n_test=4)
+    use_fake_cifar10_checksums(monkeypatch, tmp_path)
+    for factory, n_train in ((mnist, 20), (cifar10, 12)):
+        for n_val in (n_train, 5000):
+            with pytest.raises(InvalidArgument) as info:
+                factory(root=str(tmp_path), download=False, n_val=n_val)
+            assert info.value.argument == "n_val"
+            assert f"less than the {n_train} training examples" in info.value.message
+            assert f"got {n_val}" in info.value.message
+        assert len(factory(root=str(tmp_path), download=False, n_val=n_train - 1).train) == 1
+
+
 # --- CIFAR-10 -------------------------------------------------------------------------------------
 
 
@@ -260,11 +361,11 @@ def fake_cifar10(tmp_path, monkeypatch):
 
 def test_cifar10_test_split_round_trips_unflipped(fake_cifar10):
     root, written = fake_cifar10
-    bundle = cifar10(root=str(root), download=False)
+    bundle = cifar10(root=str(root), download=False, n_val=4)
     assert bundle.shape == (3, 32, 32) and bundle.kind == "image" and bundle.log_prob is None
     assert isinstance(bundle.transform, Dequantize)
     for _ in range(2):  # every load and every pass is the same: no augmentation on the test split
-        x, y = stack(cifar10(root=str(root), download=False).test)
+        x, y = stack(cifar10(root=str(root), download=False, n_val=4).test)
         assert torch.equal(as_bytes(x), torch.from_numpy(written.test))
         assert torch.equal(y, torch.from_numpy(written.test_labels).long())
 
@@ -273,13 +374,34 @@ def test_cifar10_train_split_flips_sometimes(fake_cifar10):
     root, written = fake_cifar10
     images = torch.from_numpy(written.train)
     torch.manual_seed(0)  # RandomHorizontalFlip draws from the global generator
-    x, y = stack(cifar10(root=str(root), download=False).train)
+    x, y = stack(cifar10(root=str(root), download=False, n_val=0).train)
     same = (as_bytes(x) == images).flatten(1).all(1)
     mirrored = (as_bytes(x) == images.flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all() and same.any() and mirrored.any()
     assert torch.equal(y, torch.from_numpy(written.train_labels).long())
-    x, _ = stack(cifar10(root=str(root), download=False, hflip=False).train)
+    x, _ = stack(cifar10(root=str(root), download=False, hflip=False, n_val=0).train)
     assert torch.equal(as_bytes(x), images)
+
+
+def test_cifar10_val_is_held_out_of_the_training_files_and_never_flipped(fake_cifar10):
+    root, written = fake_cifar10
+    bundle = cifar10(root=str(root), download=False, n_val=4)
+    train, val = bundle.train, bundle.val
+    assert sorted(train.indices + val.indices) == list(range(12)) and len(val) == 4
+    # A second object over the training files: the train split's flips cannot reach val.
+    assert val.dataset is not train.dataset and val.dataset.train
+    expected = torch.from_numpy(written.train[val.indices])
+    torch.manual_seed(0)  # RandomHorizontalFlip draws from the global generator
+    for _ in range(2):
+        x, y = stack(val)
+        assert torch.equal(as_bytes(x), expected)
+        assert torch.equal(y, torch.from_numpy(written.train_labels[val.indices]).long())
+    x, _ = stack(train)  # ... while the train split still flips
+    assert (as_bytes(x) == torch.from_numpy(written.train[train.indices]).flip(-1)).flatten(1).all(1).any()
+    unflipped = cifar10(root=str(root), download=False, n_val=4, hflip=False)
+    assert unflipped.val.dataset is unflipped.train.dataset  # nothing to undo: one object serves both
+    assert unflipped.val.indices == val.indices
+    assert cifar10(root=str(root), download=False, n_val=4, split_seed=1).val.indices != val.indices
 
 
 def test_cifar10_missing_names_folder_and_files(tmp_path, no_network):

@@ -87,6 +87,8 @@ def _eval_worker(rank: int, store: str, out: str, n_test: int) -> None:
     results = evaluate(_tiny_model(), data, {"elbo": elbo_estimator(EvalConfig(), Uniform())}, batch_size=8,
                        seed=0, device=torch.device("cpu"), ctx=ctx)
     if rank == 0:
+        for entry in results.values():
+            entry["examples"] = {k: v.tolist() for k, v in entry["examples"].items()}
         Path(out).write_text(json.dumps(results))
     dist.barrier()  # leave together: an early teardown can abort the other rank
     dist.destroy_process_group()
@@ -109,6 +111,9 @@ def test_distributed_eval_equals_single_process_eval(tmp_path, n_test):
     for key in ("bpd", "bpd_se", "nats"):
         assert distributed["elbo"][key] == pytest.approx(single["elbo"][key], rel=1e-9, abs=1e-9)
     assert distributed["exact"]["bpd"] == pytest.approx(single["exact"]["bpd"], rel=1e-12)
+    per_example = distributed["elbo"]["examples"]  # the same example gets the same draws on any rank
+    assert per_example["index"] == single["elbo"]["examples"]["index"].tolist() == list(range(n_test))
+    assert per_example["bpd"] == pytest.approx(single["elbo"]["examples"]["bpd"].tolist(), rel=1e-9)
 
 
 EXPERIMENT = """
@@ -141,7 +146,7 @@ def test_distributed_run_writes_once_on_rank_zero_and_resumes(tmp_path):
     mp.spawn(_train_worker, args=(_free_port(), argv), nprocs=WORLD, join=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]  # one writer: no duplicated lines
-    assert json.loads((run_dir / "eval.json").read_text())["elbo"]["n"] == 32
+    assert json.loads((run_dir / "eval.json").read_text())["test"]["elbo"]["n"] == 32
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000006.png"]
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
 

@@ -17,7 +17,7 @@ def test_an_experiment_built_from_the_example_plugin_trains_evaluates_and_sample
     run = tmp_path / "run"
     status, out, err = run_cli(capsys, "train", path, "--run-dir", run)
     assert status == 0, err
-    result = json.loads((run / "eval.json").read_text())
+    result = json.loads((run / "eval.json").read_text())["test"]
     assert math.isfinite(result["elbo"]["bpd"]) and result["elbo"]["n"] == 16
     plugins = (run / "config.yaml").read_text()
     assert "sdeflow-example-plugin" in plugins and "plugin: example" in plugins

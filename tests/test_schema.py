@@ -106,6 +106,7 @@ def test_type_name(annotation, name):
     [
         (3, int, 3),
         (3.0, int, 3),  # YAML's 1.0e5 for a step count
+        ("1e5", int, 100000),  # ... and its 1e5, which PyYAML reads as a string
         (3, float, 3.0),
         ("1e-3", float, 1e-3),  # PyYAML reads 1e-3 (no dot) as a string
         (True, bool, True),
@@ -132,7 +133,9 @@ def test_coerce_accepts(value, annotation, expected):
         (True, int),  # a bool is not a count
         (1, bool),  # nor a count a flag
         (3.5, int),
-        ("3", int),
+        ("3", int),  # a quoted number is text; only YAML's unquoted 1e5 (read as a string) is a count
+        ("1e-3", int),
+        ("1.5e0", int),
         ("fast", float),
         (True, float),
         (1, str),

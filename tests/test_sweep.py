@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
+import torch
 
 from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, write_experiment
-from sdeflow.errors import ConfigError
+from sdeflow.errors import ConfigError, SdeflowError
+from sdeflow.results import per_example
 from sdeflow.runlog import read_metrics
 from sdeflow.sweep import expand, prepare, run_sweep, write_summary
 
@@ -79,7 +82,8 @@ def test_a_sweep_writes_one_run_per_variant_and_a_summary(finished_sweep):
     _, runs = finished_sweep
     assert (runs / "base" / "checkpoints" / "last.pt").exists()
     assert (runs / "score" / "checkpoints" / "last.pt").exists()
-    assert (runs / "summary.md").read_text().count("\n") == 4  # header, rule, two rows
+    table = [line for line in (runs / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 4  # header, rule, two rows
     assert (runs / "bpd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -88,18 +92,25 @@ def test_summary_numbers_match_the_runs_metrics(finished_sweep):
     with open(runs / "summary.csv") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     for name in ("base", "score"):
-        result = json.loads((runs / name / "eval.json").read_text())["elbo"]
+        saved = json.loads((runs / name / "eval.json").read_text())
         last = [r for r in read_metrics(runs / name) if "loss" in r][-1]
-        assert float(rows[name]["bpd"]) == pytest.approx(result["bpd"], rel=1e-12)
-        assert float(rows[name]["bpd_se"]) == pytest.approx(result["bpd_se"], rel=1e-12)
+        for split in ("val", "test"):
+            assert float(rows[name][f"{split}_bpd"]) == pytest.approx(saved[split]["elbo"]["bpd"], rel=1e-12)
+            assert float(rows[name][f"{split}_bpd_se"]) == pytest.approx(saved[split]["elbo"]["bpd_se"], rel=1e-12)
         assert float(rows[name]["final_loss"]) == pytest.approx(last["loss"], rel=1e-12)
         assert int(rows[name]["steps"]) == last["step"] == 4
-    base, score = (json.loads((runs / n / "eval.json").read_text())["elbo"] for n in ("base", "score"))
-    assert float(rows["score"]["delta_bpd"]) == pytest.approx(score["bpd"] - base["bpd"], rel=1e-9)
+    base, score = (json.loads((runs / n / "eval.json").read_text())["test"]["elbo"] for n in ("base", "score"))
+    assert float(rows["score"]["test_delta"]) == pytest.approx(score["bpd"] - base["bpd"], rel=1e-9)
     expected_se = (score["bpd_se"] ** 2 + base["bpd_se"] ** 2) ** 0.5
-    assert float(rows["score"]["delta_se"]) == pytest.approx(expected_se, rel=1e-9)
+    assert float(rows["score"]["test_delta_se_indep"]) == pytest.approx(expected_se, rel=1e-9)
+    a, b = (per_example(runs / n, "test", "elbo") for n in ("score", "base"))
+    assert torch.equal(a["index"], b["index"])
+    paired = float((a["bpd"] - b["bpd"]).std() / len(a["bpd"]) ** 0.5)
+    assert float(rows["score"]["test_delta_se_paired"]) == pytest.approx(paired, rel=1e-9)
+    assert int(rows["score"]["paired_n"]) == 16
     assert rows["score"]["changes"] == "parameterization.name=score"
-    assert float(rows["base"]["delta_bpd"]) == 0.0
+    assert float(rows["base"]["test_delta"]) == 0.0
+    assert {rows["base"]["val_rank"], rows["score"]["val_rank"]} == {"1", "2"}
 
 
 def test_rerunning_a_sweep_skips_finished_variants(finished_sweep, capsys):
@@ -119,3 +130,41 @@ def test_summary_can_be_rebuilt_from_the_runs_folder(finished_sweep, capsys):
     assert status == 0
     assert (runs / "summary.csv").read_text() == original
     assert write_summary(runs)[1]["changes"] == "parameterization.name=score"
+
+
+def test_resummarising_a_finished_sweep_reproduces_every_summary_file_exactly(finished_sweep, capsys):
+    _, runs = finished_sweep
+    files = ("summary.csv", "summary.md", "bpd.png")
+    before = {name: (runs / name).read_bytes() for name in files}
+    for name in files:
+        (runs / name).unlink()
+    assert run_cli(capsys, "sweep", "--summary", runs)[0] == 0
+    assert {name: (runs / name).read_bytes() for name in files} == before
+
+
+def test_paired_se_is_below_the_independent_one_for_common_examples_and_streams(finished_sweep):
+    _, runs = finished_sweep
+    with open(runs / "summary.csv") as f:
+        score = next(r for r in csv.DictReader(f) if r["variant"] == "score")
+    assert 0 < float(score["test_delta_se_paired"]) < float(score["test_delta_se_indep"])
+
+
+def test_a_sweep_folder_without_a_base_needs_an_explicit_baseline(finished_sweep, tmp_path, capsys):
+    _, runs = finished_sweep
+    other = tmp_path / "copied"
+    shutil.copytree(runs / "score", other / "score")
+    shutil.copytree(runs / "base", other / "drift")  # no variant called base, and no sweep.json
+    status, _, err = run_cli(capsys, "sweep", "--summary", other)
+    assert_one_line_error(status, err, "no baseline run", "--baseline NAME", "drift, score")
+    with pytest.raises(SdeflowError, match="'nope' is not among them"):
+        write_summary(other, "nope")
+    rows = write_summary(other, "drift")
+    assert [r["variant"] for r in rows] == ["drift", "score"]
+    assert rows[0]["test_delta"] == 0.0 and rows[1]["test_delta_se_paired"] > 0
+
+
+def test_summary_rows_follow_the_experiments_order(tmp_path):
+    ablations = [{"name": "zeta", "set": {"parameterization.name": "score"}},
+                 {"name": "alpha", "set": {"parameterization.name": "noise"}}]
+    runs = run_sweep(write_experiment(tmp_path, tiny_config(ablations=ablations)), tmp_path / "runs")
+    assert [r["variant"] for r in write_summary(runs)] == ["base", "zeta", "alpha"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import attrs
 
 from .config import Experiment, build_component
+from .elbo import require_linear_drift
 from .errors import ConfigError, InvalidArgument
+from .estimators import parse_estimators
 from .interfaces import SDE, DataBundle, Loss, Sampler, TimeSampler
 from .likelihood import check_method
 from .model import DiffusionModel
@@ -45,6 +47,14 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
         if value < 1:
             name = key if "." in key else f"train.{key}"
             raise ConfigError(f"{exp.source}: {name}: must be at least 1, got {value}")
+    for key in ("log_every", "eval_every", "sample_every", "checkpoint_every", "num_workers"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"{exp.source}: train.{key}: must be 0 (never) or positive, got {getattr(t, key)}")
+    if t.grad_clip is not None and not t.grad_clip > 0:
+        raise ConfigError(f"{exp.source}: train.grad_clip: must be positive (the largest gradient norm) or null, "
+                          f"got {t.grad_clip}")
+    if not 0 <= exp.seed < 2**63:
+        raise ConfigError(f"{exp.source}: seed: must be in [0, 2**63), got {exp.seed}")
     if not (t.lr > 0):
         raise ConfigError(f"{exp.source}: train.lr: must be positive, got {t.lr}")
     if not (0 <= t.ema < 1):
@@ -60,10 +70,19 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
                           f"got {exp.eval.max_examples}")
     if exp.sample.steps is not None and exp.sample.steps < 1:
         raise ConfigError(f"{exp.source}: sample.steps: must be at least 1, got {exp.sample.steps}")
+    for key in ("pilot_examples", "proposal_bins"):
+        if getattr(exp.eval, key) < 1:
+            raise ConfigError(f"{exp.source}: eval.{key}: must be at least 1, got {getattr(exp.eval, key)}")
     try:
         check_method(exp.eval.ode_method)
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: eval.ode_method: {e.message}") from None
+    try:
+        names = parse_estimators(exp.eval.estimator)
+        if set(names) & {"dsm_elbo", "combined_elbo"}:
+            require_linear_drift(parts.sde)
+    except InvalidArgument as e:
+        raise ConfigError(f"{exp.source}: eval.{e.argument}: {e.message}") from None
     return parts
 
 

@@ -1,11 +1,19 @@
-"""Checkpoints: plain state dicts written atomically and read back with ``weights_only=True``."""
+"""Checkpoints: plain state dicts written atomically and read back with ``weights_only=True``.
+
+Every file a run writes goes through :func:`atomic_file`: a temporary ``.NAME.*.tmp`` beside the target,
+flushed and renamed over it, with the user's normal permissions (umask), so a crash, a kill or a full
+disk leaves the old file or the new one, never a torn one. A process killed mid-write leaves its
+temporary file behind; :func:`remove_stale_temporaries` clears them when the next writer starts.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import pickle
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,36 +21,100 @@ import torch
 
 from .errors import SdeflowError
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_error(path: str | Path, error: OSError) -> SdeflowError:
+    """A disk-full, permission or missing-folder error as one line naming the file."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return SdeflowError(f"{path}: cannot write ({reason}); nothing was replaced")
+
 
 @contextlib.contextmanager
-def _atomic(path: str | Path, mode: str):
+def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """A temporary file beside ``path``, flushed to disk and renamed over ``path`` on success.
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    A crash at any moment leaves either the old file or the new one, never a torn one. An OSError
+    (full disk, no permission) becomes a one-line :class:`SdeflowError`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: teammates could not read the run
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
-def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` that never leaves a torn checkpoint."""
-    with _atomic(path, "wb") as f:
-        torch.save(obj, f)
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files that killed writers left under ``folder`` (call it only while
+    holding the run's lock, so no live writer's file is taken)."""
+    removed = []
+    for tmp in Path(folder).rglob(f".*{TMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def save_atomic(obj: dict[str, Any], path: str | Path, *, keep_previous: Path | None = None) -> None:
+    """``torch.save`` that never leaves a torn checkpoint.
+
+    With ``keep_previous``, the file being replaced is moved there first, so the checkpoint before
+    this one survives too (a crash between the two renames leaves only ``keep_previous``; resuming
+    falls back to it).
+    """
+    path = Path(path)
+    with atomic_file(path, "wb") as f:
+        recorder = _RecordingWriter(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error:  # torch's zip writer turns a full disk into "unexpected pos ..."
+                raise recorder.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+
+
+class _RecordingWriter:
+    """A binary file for ``torch.save`` that remembers the OSError a write raised."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace a text file (config, metrics, results, summaries) in one step."""
-    with _atomic(path, "w") as f:
+    with atomic_file(path, "w") as f:
         f.write(text)
 
 
@@ -53,14 +125,41 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (tensors and plain containers only)."""
+class UnreadableCheckpoint(SdeflowError):
+    """A checkpoint file that is missing, torn, not a checkpoint, or holds something else."""
+
+
+CHECKPOINT_KEYS = ("model", "ema", "step")
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu",
+         required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict[str, Any]:
+    """Read a checkpoint safely (tensors and plain containers only) and check it holds ``required``."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise SdeflowError(f"{path}: no checkpoint there") from None
+        raise UnreadableCheckpoint(f"{path}: no checkpoint there") from None
     except Exception as e:  # unpickling errors come in many types
-        raise SdeflowError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        raise UnreadableCheckpoint(f"{path}: unreadable checkpoint ({_reason(e)})") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        what = f"a {type(state).__name__}" if not isinstance(state, dict) else f"no {', '.join(missing)}"
+        raise UnreadableCheckpoint(f"{path}: not an sdeflow checkpoint ({what})")
+    return state
+
+
+def _reason(error: Exception) -> str:
+    """Why torch could not read a file, in a few words; never torch's advice to load unsafely."""
+    text = str(error)
+    if isinstance(error, EOFError) or not text.strip():
+        return "empty or truncated file"
+    if isinstance(error, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].strip()
+        return f"holds something other than tensors and plain containers: {detail}"
+    first = text.strip().splitlines()[0].split(". ")[0]
+    if "weights_only" in first:
+        return type(error).__name__
+    return f"{type(error).__name__}: {first}"[:200]
 
 
 def rng_state() -> dict[str, Any]:

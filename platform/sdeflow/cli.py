@@ -36,6 +36,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
 def format_table(rows: list[list[str]], header: list[str]) -> str:
     """Left-aligned columns, two spaces apart."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -139,14 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--run-dir", help="run folder (default runs/<name>)")
     p.add_argument("--restart", action="store_true", help="start afresh even if the run folder has a checkpoint")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even with a changed seed, batch size or component (breaks exact resume)")
+    p.add_argument("--reevaluate", action="store_true", help="evaluate a finished run again")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test bpd / ELBO of a trained run")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--max-examples", type=positive_int)
     p.add_argument("--samples-per-example", type=positive_int)
-    p.add_argument("--estimator", choices=["elbo", "ode", "both"])
+    p.add_argument("--estimator", help="comma-separated estimators (elbo, ode, both, ...; see README)")
     p.add_argument("--time-sampler", help="time sampler for the ELBO (e.g. uniform, debiased)")
     p.add_argument("--batch-size", type=positive_int)
     p.set_defaults(func=cmd_eval)
@@ -158,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--trajectories", action="store_true", help="2-D data: draw the paths for λ = 0 and λ = 1")
     p.add_argument("--out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("sweep", help="run an experiment's ablations and sweep grid, then summarise")
@@ -167,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir")
     p.add_argument("--only", help="comma-separated variant names")
     p.add_argument("--summary", metavar="DIR", help="only rebuild the summary of a runs folder")
+    p.add_argument("--baseline", metavar="NAME", help="the variant deltas are taken to (default: base)")
     p.set_defaults(func=cmd_sweep)
     return parser
 
@@ -196,6 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"sdeflow: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # a full disk, a read-only folder: the environment's, not a bug
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sdeflow: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("sdeflow: interrupted", file=sys.stderr)

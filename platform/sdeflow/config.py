@@ -16,7 +16,7 @@ import attrs
 import yaml
 
 from . import hookspecs
-from .errors import ConfigError, InvalidArgument, did_you_mean
+from .errors import ConfigError, InvalidArgument, PluginError, SdeflowError, did_you_mean
 from .registry import Component, Registry, default_registry
 from .schema import TypeMismatch, check_arguments, coerce, type_name
 
@@ -45,7 +45,12 @@ class EvalConfig:
     samples_per_example: int = 1
     probe: Literal["rademacher", "gaussian", "exact"] = "rademacher"
     time_sampler: str = "uniform"
-    estimator: Literal["elbo", "ode", "both"] = "elbo"
+    estimator: str = "elbo"  # comma-separated names of sdeflow.estimators (check with parse_estimators)
+    time_proposal: Literal["sampler", "fitted"] = "sampler"  # fitted: on a pilot pass, mixed with debiased
+    stratify_time: bool = False  # the K samples of an example at stratified u_k = (k + u)/K
+    pilot_examples: int = 256
+    proposal_bins: int = 24
+    combined_weight: float | None = None  # combined_elbo: w of the divergence form; None: fitted per bin
     ode_t0: float = 1e-5
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
@@ -139,7 +144,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read experiment file ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_capped(text, str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -152,13 +157,48 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+MAX_YAML_NODES = 100_000
+"""Largest YAML document read, in nodes after expanding aliases (a config has a few hundred)."""
+
+
+def safe_load_capped(text: str, source: str, limit: int = MAX_YAML_NODES) -> Any:
+    """``yaml.safe_load``, refusing a document whose aliases expand past ``limit`` nodes (an "anchor
+    bomb" of a kilobyte can expand to gigabytes when the config is copied or written back)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, limit)
+        if size > limit:
+            raise ConfigError(f"{source}: YAML document expands to more than {limit:,} nodes (aliases counted); "
+                              "an experiment needs a few hundred: remove the repeated anchors")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], limit: int) -> int:
+    """Nodes under ``node`` with every alias expanded, computed once per distinct node."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = limit + 1  # a cycle (an alias inside its own anchor) expands without end
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo, limit) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo, limit) + _expanded_size(v, memo, limit) for k, v in node.value)
+    memo[id(node)] = min(size, limit + 1)
+    return memo[id(node)]
+
+
 def parse_override(text: str, source: str = "command line") -> tuple[str, Any]:
     """``a.b.c=value`` → ("a.b.c", value), the value read as YAML (``10``, ``1.0e-3``, ``[1, 2]``, ``null``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"{source}: override {text!r} is not of the form key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load_capped(raw, f"{source}: override {key.strip()}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -185,17 +225,28 @@ def load_experiment(
     path: str | Path,
     overrides: Sequence[str] | Mapping[str, Any] = (),
     registry: Registry | None = None,
+    prefer: Mapping[str, str] | None = None,
 ) -> Experiment:
-    """Read, override and check an experiment file (nothing is built, no data is loaded)."""
+    """Read, override and check an experiment file (nothing is built, no data is loaded).
+
+    ``prefer`` ({kind: plugin}) settles a name that two plugins register, as recorded by an existing run.
+    """
+    data = read_experiment_data(path, overrides)
+    return structure(data, str(path), registry or default_registry(), default_name=Path(path).stem,
+                     prefer=prefer)
+
+
+def read_experiment_data(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The experiment file's mapping with the overrides applied (not yet checked)."""
     data = read_yaml(path)
     if not isinstance(overrides, Mapping):
         overrides = dict(parse_override(o, str(path)) for o in overrides)
-    data = apply_overrides(data, overrides, str(path))
-    return structure(data, str(path), registry or default_registry(), default_name=Path(path).stem)
+    return apply_overrides(data, overrides, str(path))
 
 
 def structure(
-    data: Mapping[str, Any], source: str, registry: Registry, default_name: str = "experiment"
+    data: Mapping[str, Any], source: str, registry: Registry, default_name: str = "experiment",
+    prefer: Mapping[str, str] | None = None,
 ) -> Experiment:
     """Check a config mapping and return the :class:`Experiment`; ``source`` names it in errors."""
     known = set(TOP_LEVEL) | set(SECTIONS) | set(COMPONENT_DEFAULTS)
@@ -206,7 +257,8 @@ def structure(
     top = {key: _check_value(source, key, data[key], kind) for key, kind in TOP_LEVEL.items() if key in data}
     top.setdefault("name", default_name)
     sections = {key: _structure_section(data.get(key), cls, source, key) for key, cls in SECTIONS.items()}
-    components = {kind: check_component(registry, kind, data.get(kind), source)
+    prefer = prefer or {}
+    components = {kind: check_component(registry, kind, data.get(kind), source, prefer.get(kind))
                   for kind in COMPONENT_DEFAULTS}
     return Experiment(components=components, source=source, **top, **sections)
 
@@ -234,8 +286,10 @@ def _structure_section(value: Any, cls: type, source: str, key: str) -> Any:
     return cls(**checked)
 
 
-def check_component(registry: Registry, kind: str, spec: Any, source: str) -> dict[str, Any]:
-    """Check a ``{name, **args}`` spec against the registered factory; returns the checked spec."""
+def check_component(registry: Registry, kind: str, spec: Any, source: str, prefer: str | None = None
+                    ) -> dict[str, Any]:
+    """Check a ``{name, **args}`` spec against the registered factory; returns the checked spec, its
+    name qualified (``plugin:name``) when two plugins register it and ``prefer`` picked one."""
     if spec is None:
         spec = COMPONENT_DEFAULTS[kind]
         if spec is None:
@@ -248,10 +302,11 @@ def check_component(registry: Registry, kind: str, spec: Any, source: str) -> di
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise ConfigError(f"{source}: {kind}.name: expected the name of a registered {kind} "
                           f"({', '.join(registry.names(kind))}), got {spec!r}")
-    component = registry.get(kind, spec["name"], where=f"{source}: {kind}.name")
+    component = registry.get(kind, spec["name"], where=f"{source}: {kind}.name", prefer=prefer)
+    name = component.qualified_name if registry.is_ambiguous(kind, spec["name"]) else spec["name"]
     args = {k: v for k, v in spec.items() if k != "name"}
     checked = check_arguments(args, component.arguments, f"{source}: {kind}", f"{kind} '{spec['name']}'")
-    return {"name": spec["name"], **checked}
+    return {"name": name, **checked}
 
 
 def build_component(registry: Registry, exp: Experiment, kind: str, **injected: Any) -> Any:
@@ -261,8 +316,14 @@ def build_component(registry: Registry, exp: Experiment, kind: str, **injected: 
         return component.factory(**injected, **exp.args(kind))
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: {kind}.{e.argument}: {e.message}") from None
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{exp.source}: {kind} '{component.name}': {e}") from None
+    except SdeflowError:
+        raise  # already one line naming what to fix (a data set that is missing, ...)
+    except Exception as e:  # a bug or an unchecked value inside the plugin: say whose
+        origin = component.plugin.name + (f" ({component.plugin.distribution} {component.plugin.version})"
+                                          if component.plugin.distribution else "")
+        detail = " ".join(str(e).split())[:200]
+        raise PluginError(f"{exp.source}: {kind} '{component.name}' of plugin '{origin}' failed to build: "
+                          f"{type(e).__name__}: {detail}") from e
 
 
 def plugin_versions(registry: Registry, exp: Experiment) -> dict[str, dict[str, Any]]:

@@ -1,12 +1,16 @@
-"""The ELBO of the plug-in reverse SDE and its divergence estimators (MATH.md §5)."""
+"""The ELBO of the plug-in reverse SDE and its divergence estimators (MATH.md §5), and the same ELBO in
+denoising form (MATH.md §9)."""
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .errors import InvalidArgument
-from .interfaces import TimeSampler, bcast, flat_sum, randn_like
+from .interfaces import SDE, TimeSampler, bcast, flat_sum, randn_like
 
 PROBES = ("rademacher", "gaussian", "exact")
 
@@ -90,3 +94,122 @@ def elbo(
     integrand = elbo_integrand(model, y_t, t, probe, generator=generator, create_graph=create_graph)
     value = sde.prior_log_prob(y_T) - integrand / q
     return value.reshape(B, samples).mean(dim=1)
+
+
+# ------------------------------------------------------------------ the denoising form (MATH.md §9)
+
+
+def require_linear_drift(sde: SDE) -> None:
+    """The denoising form holds only for f = κ(t) y, which an SDE declares through ``linear_drift``."""
+    if sde.linear_drift(torch.full((1,), sde.T, dtype=torch.float64)) is None:
+        raise InvalidArgument("estimator", f"the denoising form of the ELBO (MATH.md §9) needs an SDE with "
+                              f"linear drift f = κ(t) y; {type(sde).__name__} declares none (SDE.linear_drift)")
+
+
+def prior_term(sde: SDE, x: Tensor, generator=None) -> Tensor:
+    """E log p_T(Y_T) per example: exact for a prior N(0, s² I) (MATH.md §9), else log p_T of one Y_T."""
+    s = sde.prior_std()
+    T = torch.full((x.shape[0],), sde.T, dtype=x.dtype, device=x.device)
+    if s is None:
+        return sde.prior_log_prob(sde.marginal_sample(x, T, randn_like(x, generator)))
+    D = x[0].numel()
+    mean2 = sde.m(T) ** 2 * flat_sum(x**2)
+    return -0.5 * D * math.log(2 * math.pi * s**2) - (mean2 + D * sde.sigma(T) ** 2) / (2 * s**2)
+
+
+def denoising_constant(sde: SDE, dim: int) -> float:
+    """½ D log(σ²(T)/σ²(t_ε)) = ∫_{t_ε}^T D c(t) dt, c = ½ d/dt log σ² (MATH.md §9)."""
+    ends = torch.tensor([sde.T, sde.t_eps], dtype=torch.float64)
+    sigma_T, sigma_eps = sde.sigma(ends).tolist()
+    return dim * math.log(sigma_T / sigma_eps)
+
+
+def dsm_integrand(model, y: Tensor, t: Tensor, eps: Tensor, a: Tensor | None = None) -> Tensor:
+    """r(t) ℓ(x, t, ε) with ℓ = ½‖a σ/g + ε‖² and y = m x + σ ε: one network evaluation (MATH.md §9)."""
+    sde = model.sde
+    a = model.a(y, t) if a is None else a
+    ell = 0.5 * flat_sum((a * bcast(sde.sigma(t) / sde.g(t), y) + eps) ** 2)
+    return sde.likelihood_weight(t) * ell
+
+
+def _draws(sde: SDE, x: Tensor, time_sampler: TimeSampler, samples: int, generator):
+    """x repeated ``samples`` times (example-major), t ~ q with q(t), ε and Y_t = m x + σ ε."""
+    xs = x.repeat_interleave(samples, dim=0)
+    t, q = time_sampler.sample(sde, xs.shape[0], device=x.device, generator=generator)
+    t, q = t.to(x.dtype), q.to(x.dtype)
+    eps = randn_like(xs, generator)
+    return xs, t, q, eps, sde.marginal_sample(xs, t, eps)
+
+
+def dsm_elbo(
+    model, x: Tensor, time_sampler: TimeSampler, *, probe: str = "rademacher", samples: int = 1, generator=None,
+) -> Tensor:
+    """ELBO(x) = E log p_T + ½ D log(σ²(T)/σ²(t_ε)) − ∫_{t_ε}^T E[r ℓ] − ∫_0^{t_ε} E[½‖a‖² + ∇·μ] (MATH.md §9).
+
+    Same bound as :func:`elbo`. Above t_ε a draw costs one network evaluation (no divergence, no probe);
+    the few draws below t_ε take the §5 integrand with a Hutchinson probe. For evaluation: no graph.
+    """
+    check_probe(probe)
+    sde = model.sde
+    require_linear_drift(sde)
+    xs, t, q, eps, y = _draws(sde, x, time_sampler, samples, generator)
+    prior = prior_term(sde, xs, generator)
+    low = t <= sde.t_eps
+    integrand = torch.empty_like(t)
+    with torch.no_grad():
+        high = ~low
+        integrand[high] = dsm_integrand(model, y[high], t[high], eps[high])
+    if bool(low.any()):
+        integrand[low] = elbo_integrand(model, y[low], t[low], probe, generator=generator)
+    value = prior + denoising_constant(sde, x[0].numel()) - integrand / q
+    return value.reshape(x.shape[0], samples).mean(dim=1)
+
+
+class ELBOForms(NamedTuple):
+    """Both forms of the ELBO on the same draws (t, ε, a(Y_t, t), probe), one row per draw (MATH.md §9).
+
+    divergence form  prior − divergence / q                      (MATH.md §5)
+    denoising form   prior + constant − denoising / q            (MATH.md §9)
+    Above t_ε, E[denoising − divergence − drift_term | t] = 0 for every t and every network, with
+    drift_term = D c(t); below t_ε the two integrands are the same number and drift_term is 0.
+    """
+
+    t: Tensor
+    q: Tensor
+    prior: Tensor
+    divergence: Tensor
+    denoising: Tensor
+    drift_term: Tensor
+    constant: float
+
+    def divergence_form(self) -> Tensor:
+        return self.prior - self.divergence / self.q
+
+    def denoising_form(self) -> Tensor:
+        return self.prior + self.constant - self.denoising / self.q
+
+
+def elbo_forms(
+    model, x: Tensor, time_sampler: TimeSampler, *, probe: str = "rademacher", samples: int = 1, generator=None,
+) -> ELBOForms:
+    """Every draw's divergence and denoising integrands from one network evaluation and one VJP."""
+    check_probe(probe)
+    sde = model.sde
+    require_linear_drift(sde)
+    xs, t, q, eps, y = _draws(sde, x, time_sampler, samples, generator)
+    prior = prior_term(sde, xs, generator)
+    with torch.enable_grad():
+        y = y.detach().requires_grad_(True)
+        a = model.a(y, t)
+        mu = bcast(sde.g(t), y) * a - sde.f(y, t)
+        div = divergence(mu, y, probe, generator=generator)
+    a = a.detach()
+    divergence_integrand = 0.5 * flat_sum(a**2) + div
+    low = t <= sde.t_eps
+    D = x[0].numel()
+    c = 0.5 * sde.likelihood_weight(t) + sde.linear_drift(t)
+    return ELBOForms(
+        t=t, q=q, prior=prior, divergence=divergence_integrand,
+        denoising=torch.where(low, divergence_integrand, dsm_integrand(model, y.detach(), t, eps, a)),
+        drift_term=torch.where(low, torch.zeros_like(c), D * c), constant=denoising_constant(sde, D),
+    )

@@ -1,4 +1,4 @@
-"""Test-set likelihood: ELBO (MATH.md §5) in bits per dimension with its standard error.
+"""Held-out likelihood: ELBO (MATH.md §5) in bits per dimension, per example and summarised with its s.e.
 
 Batches are the unit of both randomness and sharding: batch b draws its noise from a generator seeded
 by (seed, b) and is evaluated by rank b mod W, so a distributed evaluation reproduces the
@@ -7,25 +7,23 @@ single-process one example for example, and every example is counted exactly onc
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .checkpoint import derive_seed, write_text_atomic
+from .checkpoint import derive_seed
 from .config import EvalConfig
-from .data import eval_batches
+from .data import eval_batches, num_examples, take
 from .distributed import DistContext
-from .elbo import elbo
+from .errors import SdeflowError
+from .estimators import make_estimators, prepare_all
 from .interfaces import DataBundle, TimeSampler
 from .transforms import bits_per_dim, mean_and_se
-
-EVAL_FILE = "eval.json"
 
 Estimator = Callable[[Any, Tensor, torch.Generator], Tensor]
 """(model, z, generator) → log-likelihood (or its lower bound) of z per example, in nats."""
@@ -38,21 +36,35 @@ def batch_generator(device: torch.device, seed: int, batch: int, stream: str = "
 
 
 def elbo_estimator(cfg: EvalConfig, time_sampler: TimeSampler, samples: int | None = None) -> Estimator:
-    k = cfg.samples_per_example if samples is None else samples
-
-    def estimate(model, z: Tensor, generator: torch.Generator) -> Tensor:
-        return elbo(model, z, time_sampler, probe=cfg.probe, samples=k, generator=generator)
-
-    return estimate
+    """The ``elbo`` estimator of :mod:`sdeflow.estimators` (MATH.md §5) with ``cfg``'s settings."""
+    return make_estimators(["elbo"], cfg, time_sampler, samples=samples)["elbo"]
 
 
-def summarize(nll_nats: Tensor, log_det: Tensor | None, dim: int, bits_offset: float) -> dict[str, float]:
-    """bpd, its s.e., and the negative log-likelihood in nats per example, from per-example values."""
+def summarize(nll_nats: Tensor, log_det: Tensor | None, dim: int, bits_offset: float,
+              index: Tensor | None = None) -> dict[str, Any]:
+    """bpd, its s.e., and the negative log-likelihood in nats per example, from per-example values;
+    ``examples`` holds the per-example values themselves (index in the split, nats, bpd)."""
     log_det = torch.zeros_like(nll_nats) if log_det is None else log_det
     bpd = bits_per_dim(-nll_nats, log_det, dim, bits_offset)
     bpd_mean, bpd_se = mean_and_se(bpd)
-    nats, nats_se = mean_and_se(nll_nats - log_det)
-    return {"bpd": bpd_mean, "bpd_se": bpd_se, "nats": nats, "nats_se": nats_se, "n": int(bpd.numel())}
+    nats_x = nll_nats - log_det
+    nats, nats_se = mean_and_se(nats_x)
+    index = torch.arange(bpd.numel()) if index is None else index
+    return {"bpd": bpd_mean, "bpd_se": bpd_se, "nats": nats, "nats_se": nats_se, "n": int(bpd.numel()),
+            "examples": {"index": index.cpu(), "nats": nats_x.cpu(), "bpd": bpd.cpu()}}
+
+
+class NonFiniteEvaluation(SdeflowError):
+    """An estimator returned NaN or ±inf for some examples: an error, never a result."""
+
+
+def check_finite(name: str, split: str, nll: Tensor, index: Tensor) -> None:
+    bad = ~torch.isfinite(nll)
+    if bad.any():
+        first = index[bad][:5].tolist()
+        raise NonFiniteEvaluation(f"{name} on the {split} split is not finite for {int(bad.sum())} of "
+                                  f"{nll.numel()} examples (first: {first}); the model or its settings "
+                                  "are broken (e.g. an infinite or NaN parameter); nothing was recorded")
 
 
 @torch.no_grad()
@@ -67,10 +79,20 @@ def evaluate(
     ctx: DistContext | None = None,
     split: str = "test",
     max_examples: int | None = None,
+    pilot_examples: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """Every estimator's bpd ± s.e. over the split, plus ``exact`` when the data's density is known."""
+    """Every estimator's bpd ± s.e. over the split, plus ``exact`` when the data's density is known.
+
+    Estimators with something to fit (``prepare``) first see a pilot batch: the first
+    ``pilot_examples`` training examples, dequantized with a stream of their own, so nothing is fitted
+    on the examples being evaluated and every variant of a sweep fits on the same examples.
+    """
     ctx = ctx or DistContext(device=device)
-    examples = getattr(data, split)
+    examples = getattr(data, split, None)
+    if examples is None:
+        raise SdeflowError(f"the data set has no {split} split")
+    if any(getattr(e, "needs_pilot", False) for e in estimators.values()):
+        prepare_all(estimators, model, pilot_batch(data, pilot_examples, seed, device), seed=seed)
     dim = math.prod(data.shape)
     rows: dict[str, list[Tensor]] = {name: [] for name in estimators}
     seconds = dict.fromkeys(estimators, 0.0)
@@ -88,17 +110,32 @@ def evaluate(
         index.append(torch.arange(b * batch_size, b * batch_size + x.shape[0], device=device))
         if data.log_prob is not None:
             exact.append(-data.log_prob(x).double())
-    order = torch.argsort(_gather(ctx, index, device, torch.long))
+    all_index = _gather(ctx, index, device, torch.long)
+    order = torch.argsort(all_index)
+    all_index = all_index[order]
     log_det = _gather(ctx, log_dets, device)[order]
-    out = {name: summarize(_gather(ctx, v, device)[order], log_det, dim, data.transform.bits_offset)
-           for name, v in rows.items()}
+    nll = {name: _gather(ctx, v, device)[order] for name, v in rows.items()}
+    for name, values in nll.items():
+        check_finite(name, split, values, all_index)
+    out = {name: summarize(values, log_det, dim, data.transform.bits_offset, all_index)
+           for name, values in nll.items()}
     for name in out:
         out[name]["seconds"] = seconds[name]  # this rank's estimator time: the cost beside the s.e.
     if data.log_prob is not None:
-        out["exact"] = summarize(_gather(ctx, exact, device)[order], None, dim, data.transform.bits_offset)
+        out["exact"] = summarize(_gather(ctx, exact, device)[order], None, dim, data.transform.bits_offset,
+                                 all_index)
+    total = num_examples(examples)
     for entry in out.values():
         entry["split"] = split
+        entry["full"] = entry["n"] == total
     return out
+
+
+def pilot_batch(data: DataBundle, n: int, seed: int, device: torch.device) -> Tensor:
+    """The first ``n`` training examples in model space (dequantized with the ``pilot`` stream)."""
+    x = take(data.train, range(min(n, num_examples(data.train)))).to(device)
+    z, _ = data.transform.forward(x, generator=batch_generator(device, seed, -1, "pilot"))
+    return z
 
 
 def _now(device: torch.device) -> float:
@@ -111,16 +148,6 @@ def _gather(ctx: DistContext, parts: list[Tensor], device, dtype: torch.dtype = 
     """This rank's values concatenated, then every rank's in rank order (a rank may have none)."""
     local = torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype, device=device)
     return ctx.gather(local)
-
-
-def write_eval(run_dir: str | Path, results: dict[str, Any], **extra: Any) -> Path:
-    """Merge ``results`` into eval.json (atomically): estimators evaluated earlier keep their entries,
-    and each entry says which split and which training step it describes."""
-    path = Path(run_dir) / EVAL_FILE
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update({name: {**entry, **extra} for name, entry in results.items()})
-    write_text_atomic(path, json.dumps(merged, indent=2) + "\n")
-    return path
 
 
 def format_results(results: dict[str, dict[str, float]], kind: str) -> str:
@@ -137,6 +164,7 @@ def format_results(results: dict[str, dict[str, float]], kind: str) -> str:
 
 
 def eval_from_cli(args) -> int:
+    from .results import record
     from .runs import open_run
 
     run = open_run(args.run_dir)
@@ -144,7 +172,9 @@ def eval_from_cli(args) -> int:
                            samples=args.samples_per_example, estimator=args.estimator,
                            time_sampler=args.time_sampler, batch_size=args.batch_size)
     print(format_results(results, run.data.kind))
-    write_eval(args.run_dir, results, step=run.step)
+    entries = record(args.run_dir, results, step=run.step, seed=run.exp.seed)
+    partial = [name for name, e in entries.items() if not e["full"]]
+    if partial:
+        print(f"sdeflow: {', '.join(partial)}: {entries[partial[0]]['n']} examples, not the whole {args.split} "
+              f"split: recorded beside the full results in eval.json, not as its headline", file=sys.stderr)
     return 0
-
-

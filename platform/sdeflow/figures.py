@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .checkpoint import atomic_file
+
 
 def pyplot_agg():
     """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
@@ -19,6 +21,18 @@ def pyplot_agg():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically, then close it."""
+    plt = pyplot_agg()
+    try:
+        fig.tight_layout()
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def save_samples(x: Tensor, kind: str, path: str | Path, title: str = "") -> Path:
     """Images → a PNG grid; 2-D vectors → a scatter plot; other vectors → the first two coordinates."""
     path = Path(path)
@@ -27,17 +41,15 @@ def save_samples(x: Tensor, kind: str, path: str | Path, title: str = "") -> Pat
     if kind == "image":
         from torchvision.utils import save_image
 
-        save_image(x.clamp(0, 1), path, nrow=int(math.ceil(math.sqrt(x.shape[0]))))
+        with atomic_file(path) as f:  # a full disk leaves the old picture, never a 0-byte PNG
+            save_image(x.clamp(0, 1), f, format="png", nrow=int(math.ceil(math.sqrt(x.shape[0]))))
         return path
     plt = pyplot_agg()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
     ax.set_aspect("equal")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 16) -> Path:
@@ -55,10 +67,7 @@ def save_trajectories(paths: dict[str, Tensor], path: str | Path, show: int = 16
         ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=2, c="k", alpha=0.5)
         ax.set_title(label)
         ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def image_for_tensorboard(path: str | Path) -> Tensor:

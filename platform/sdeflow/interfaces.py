@@ -69,6 +69,16 @@ class SDE(abc.ABC):
     def prior_log_prob(self, y: Tensor) -> Tensor:
         """log p_T(y) per example."""
 
+    def linear_drift(self, t: Tensor) -> Tensor | None:
+        """κ(t), shape (B,), when the drift is linear, f(y, t) = κ(t) y; None (the default) when it is not
+        or is not declared. The denoising form of the ELBO needs it (MATH.md §9)."""
+        return None
+
+    def prior_std(self) -> float | None:
+        """s when the prior p_T is N(0, s² I), else None (the default). With it E log p_T(Y_T) has a closed
+        form (MATH.md §9)."""
+        return None
+
     def likelihood_weight(self, t: Tensor) -> Tensor:
         """r(t) = g(t)² / σ(t)²: the weight that turns σ²-weighted DSM into the ELBO (MATH.md §4)."""
         return self.g(t) ** 2 / self.sigma(t) ** 2
@@ -186,6 +196,11 @@ class TimeSampler(abc.ABC):
     def sample(self, sde: SDE, n: int, *, device=None, generator=None) -> tuple[Tensor, Tensor]:
         """(t, q(t)), each of shape (n,)."""
 
+    def sample_u(self, sde: SDE, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(t, q(t)) with t = Φ⁻¹(u), the inverse CDF at u ∈ (0, 1] of shape (n,). Optional: it lets
+        evaluation stratify u (sdeflow.time_proposals); the default raises NotImplementedError."""
+        raise NotImplementedError(f"time sampler {type(self).__name__} has no inverse CDF (TimeSampler.sample_u)")
+
 
 class Loss(abc.ABC):
     """A per-example training loss of the composed model (MATH.md §4–5)."""
@@ -239,14 +254,20 @@ class DataTransform(abc.ABC):
     def inverse(self, z: Tensor) -> Tensor:
         """Back to data space (for showing samples)."""
 
+    def protocol(self) -> dict[str, Any]:
+        """What a reported bpd assumes about this transform (recorded in eval.json beside every result)."""
+        return {"transform": type(self).__name__, "bits_offset": self.bits_offset}
+
 
 @attrs.define
 class DataBundle:
     """What a data-set plugin returns.
 
-    ``train`` and ``test`` are tensors of examples (fast path for in-memory data) or torch Datasets
-    whose items are tensors or (tensor, label) pairs. ``log_prob``, when known, is the exact data
-    log-density in data space, reported next to the ELBO.
+    ``train``, ``val`` and ``test`` are tensors of examples (fast path for in-memory data) or torch
+    Datasets whose items are tensors or (tensor, label) pairs. ``val`` is a held-out split for model
+    selection and periodic evaluation, never trained on; it is optional (None: the data set offers
+    none), so it comes last and ``DataBundle(train, test, shape=..., ...)`` still works. ``log_prob``,
+    when known, is the exact data log-density in data space, reported next to the ELBO.
     """
 
     train: Any
@@ -256,6 +277,7 @@ class DataBundle:
     kind: Literal["image", "vector"] = "vector"
     log_prob: Callable[[Tensor], Tensor] | None = None
     train_shuffle: bool = True
+    val: Any = None
 
     @property
     def planar(self) -> bool:

@@ -80,8 +80,15 @@ class Registry:
         kinds = [kind] if kind else list(hookspecs.KINDS)
         return [c for k in kinds for name in sorted(self.components[k]) for c in self.components[k][name]]
 
-    def get(self, kind: str, name: str, where: str = "") -> Component:
-        """The component ``name`` (or ``plugin:name``) of ``kind``; errors list what exists."""
+    def is_ambiguous(self, kind: str, name: str) -> bool:
+        """More than one plugin registers ``name`` (unqualified) for ``kind``."""
+        return ":" not in name and len(self.components.get(kind, {}).get(name, [])) > 1
+
+    def get(self, kind: str, name: str, where: str = "", prefer: str | None = None) -> Component:
+        """The component ``name`` (or ``plugin:name``) of ``kind``; errors list what exists.
+
+        ``prefer`` names the plugin that settles a name two plugins register (an existing run's record).
+        """
         prefix = f"{where}: " if where else ""
         if kind not in self.components:
             raise ConfigError(f"{prefix}unknown kind '{kind}'; kinds: {', '.join(hookspecs.KINDS)}")
@@ -89,18 +96,29 @@ class Registry:
         candidates = self.components[kind].get(short, [])
         if plugin:
             candidates = [c for c in candidates if c.plugin.name == plugin]
+        if len(candidates) > 1 and prefer:
+            candidates = [c for c in candidates if c.plugin.name == prefer] or candidates
         if not candidates:
             known = self.names(kind)
             raise ConfigError(
                 f"{prefix}unknown {kind} '{name}'{did_you_mean(short, known)}; "
-                f"available: {', '.join(known) or 'none'}"
+                f"available: {', '.join(known) or 'none'}{self._failure_note()}"
             )
         if len(candidates) > 1:
             owners = " and ".join(f"'{c.plugin.name}'" + (f" ({c.plugin.distribution})" if c.plugin.distribution
                                   else "") for c in candidates)
             choices = " or ".join(f"'{c.qualified_name}'" for c in candidates)
-            raise ConfigError(f"{prefix}{kind} '{name}' is registered by both {owners}; write {choices}")
+            newest = candidates[-1].plugin.name
+            raise ConfigError(f"{prefix}{kind} '{name}' is registered by both {owners}; write {choices}, "
+                              f"or turn one plugin off with {DISABLE_ENV}={newest}")
         return candidates[0]
+
+    def _failure_note(self) -> str:
+        """Which plugins failed to load: the missing name may have been theirs."""
+        if not self.failures:
+            return ""
+        failed = "; ".join(f"'{name}' ({reason})" for name, reason in self.failures.items())
+        return f"; note: plugin(s) that failed to load and may provide it: {failed}"
 
 
 def _register_callback(registry: Registry, kind: str, plugin: PluginInfo) -> Callable[..., None]:
@@ -128,6 +146,12 @@ def _disabled() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
 
 
+def _describe(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"SystemExit({error.code!r}) at import"
+    return f"{type(error).__name__}: {error}"
+
+
 def _report(registry: Registry, plugin: str, reason: str, strict: bool) -> None:
     reason = " ".join(reason.split())  # pluggy's validation messages span several lines
     if strict:
@@ -146,8 +170,10 @@ def _entry_point_plugins(
         info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None)
         try:
             module = ep.load()
-        except Exception as e:  # a broken plugin must not take the others down
-            _report(registry, ep.name, f"{type(e).__name__}: {e}", strict)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # a broken plugin (even one calling sys.exit) must not take the others down
+            _report(registry, ep.name, _describe(e), strict)
             continue
         yield info, module
 
@@ -188,8 +214,10 @@ def _load_plugin(registry: Registry, info: PluginInfo, obj: object, strict: bool
         try:
             for impl in impls:
                 impl.function(register=_register_callback(staged, kind, info))
-        except Exception as e:
-            _report(registry, info.name, f"{hook_name} raised {type(e).__name__}: {e}", strict)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            _report(registry, info.name, f"{hook_name} raised {_describe(e)}", strict)
             return
     info = attrs.evolve(info, hooks=tuple(hooks))
     registry.plugins.append(info)

@@ -15,16 +15,19 @@ METRICS = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl; a torn last line (a crash or a full disk mid-write) is skipped."""
+    """The records of metrics.jsonl. A line that is not a JSON object with an integer ``step`` (a torn
+    last line after a crash or a full disk, stray bytes) is skipped, never an error."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
     return records
 
 
@@ -32,8 +35,9 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     """Drop records logged after ``last_step`` (they belong to work a resumed run will redo)."""
     path = Path(run_dir) / METRICS
     if path.exists():
-        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        text = "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir) if r["step"] <= last_step)
+        if text.encode() != path.read_bytes():  # a finished run's file is left alone
+            write_text_atomic(path, text)
 
 
 class RunLog:
@@ -84,7 +88,7 @@ class RunLog:
 
 
 def _tag(key: str) -> str:
-    group = "eval" if key in ("bpd", "bpd_se", "elbo", "exact_bpd") else "train"
+    group = "eval" if key.removeprefix("test_") in ("bpd", "bpd_se", "elbo", "exact_bpd") else "train"
     return f"{group}/{key}"
 
 

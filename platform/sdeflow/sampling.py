@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .build import require_lambda_sampler
 from .errors import SdeflowError
+from .memory import bytes_per_example, check_batch_fits
 from .runs import open_run
 
 
@@ -32,6 +33,8 @@ def sample_from_cli(args) -> int:
     num = args.num if args.num is not None else cfg.num
     steps = args.steps if args.steps is not None else cfg.steps
     lam = args.lam if args.lam is not None else cfg.lam
+    per_example = bytes_per_example(run.ema, tuple(run.data.shape), run.device)
+    check_batch_fits("--num", num, per_example, run.device, str(run.run_dir), factor=1.5)
     out = Path(args.out) if args.out else run.run_dir / "samples" / "sample.png"
     print(run.save_samples(out, num=num, lam=lam, steps=steps, seed=args.seed))
     if args.trajectories:

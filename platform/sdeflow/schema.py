@@ -7,7 +7,9 @@ it accepts, their types and defaults. Checking coerces only where YAML is known 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -69,6 +71,8 @@ def type_name(annotation: Any) -> str:
     """A short readable name for a type annotation (``float``, ``tuple[int, ...]``, ``'a' | 'b'``)."""
     if annotation is Any:
         return "any"
+    if annotation is MaybeInfinite:
+        return "float (inf allowed)"
     if annotation is type(None):
         return "null"
     origin = typing.get_origin(annotation)
@@ -95,6 +99,8 @@ def coerce(value: Any, annotation: Any) -> Any:
     """Return ``value`` as ``annotation`` (lossless coercions only) or raise :class:`TypeMismatch`."""
     if annotation is Any or annotation is inspect.Parameter.empty:
         return value
+    if annotation is MaybeInfinite:
+        return _coerce_maybe_infinite(value)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -139,6 +145,23 @@ def _item(value: Any, annotation: Any, container: Any) -> Any:
         raise TypeMismatch(type_name(container)) from None
 
 
+class MaybeInfinite(float):
+    """Annotate an argument ``MaybeInfinite`` (not ``float``) when ±inf is a meaningful value; plain
+    ``float`` arguments must be finite, and NaN is refused everywhere."""
+
+
+def _coerce_maybe_infinite(value: Any) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or math.isnan(number):
+        raise TypeMismatch("a float (inf allowed)")
+    return number
+
+
 def _coerce_scalar(value: Any, annotation: Any) -> Any:
     if annotation is type(None):
         if value is None:
@@ -149,16 +172,22 @@ def _coerce_scalar(value: Any, annotation: Any) -> Any:
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and "e" in value.lower():  # PyYAML reads 1e5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)  # YAML's 1.0e5 for a step count
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise TypeMismatch("a finite float")
     elif annotation is str:
         if isinstance(value, str):
             return value

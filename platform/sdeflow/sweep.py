@@ -23,8 +23,10 @@ from .config import Experiment, apply_overrides, parse_override, read_yaml, stru
 from .distributed import DistContext, init_from_env, shutdown
 from .errors import ConfigError, SdeflowError
 from .registry import Registry, default_registry
+from .results import headline, per_example
 from .runlog import read_metrics
 from .runs import LAST, resolve_device
+from .transforms import mean_and_se
 
 BASE = "base"
 
@@ -90,12 +92,11 @@ def prepare(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str]
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    """Trained to ``steps`` and evaluated (eval.json records the step of its weights)."""
-    path = run_dir / "eval.json"
-    if not (run_dir / LAST).exists() or not path.exists():
+    """Trained to ``steps`` and evaluated on the test split at that step (eval.json's headline)."""
+    if not (run_dir / LAST).exists():
         return False
-    steps_evaluated = [e.get("step", 0) for e in json.loads(path.read_text()).values() if isinstance(e, dict)]
-    return bool(steps_evaluated) and max(steps_evaluated) >= steps
+    entries = headline(run_dir, "test")
+    return bool(entries) and min(e.get("step", 0) for e in entries.values()) >= steps
 
 
 def run_sweep(path: str | Path, runs_dir: str | Path | None = None, overrides: Sequence[str] = (),
@@ -114,6 +115,8 @@ def _run_variants(path, variants: list[Variant], runs_dir, ctx: DistContext) -> 
     from .trainer import train
 
     runs_dir = Path(runs_dir or Path("runs") / read_yaml(path).get("name", Path(path).stem))
+    if ctx.is_main:
+        write_plan(runs_dir, variants)
     for v in variants:
         run_dir = runs_dir / v.name
         if finished(run_dir, v.exp.train.steps):
@@ -124,50 +127,137 @@ def _run_variants(path, variants: list[Variant], runs_dir, ctx: DistContext) -> 
             print(f"sdeflow: variant '{v.name}' → {run_dir}")
         train(v.exp, run_dir, ctx=ctx)
     if ctx.is_main:
-        write_summary(runs_dir, {v.name: v.changes for v in variants})
+        write_summary(runs_dir)
     return runs_dir
 
 
 # ---------------------------------------------------------------- summary
 
-COLUMNS = ["variant", "changes", "steps", "wall_s", "it_per_s", "final_loss", "bpd", "bpd_se",
-           "delta_bpd", "delta_se"]
+PLAN_FILE = "sweep.json"
+"""The sweep's variants in the experiment's order, with their changes: the summary's source of truth."""
+
+COLUMNS = ["variant", "changes", "steps", "wall_s", "it_per_s", "final_loss",
+           "val_bpd", "val_bpd_se", "val_delta", "val_delta_se_paired", "val_delta_se_indep", "val_rank",
+           "test_bpd", "test_bpd_se", "test_delta", "test_delta_se_paired", "test_delta_se_indep", "paired_n"]
+"""Each bpd column names its split; deltas are to the baseline on the same examples; ``*_se_paired`` is
+std(bpd_variant,i − bpd_base,i)/√n over common examples and random streams (MATH.md §10),
+``*_se_indep`` √(se² + se_base²) as if the two evaluations were independent; ``val_rank`` ranks by
+validation bpd (1 = best), so a variant is chosen on val and reported on test."""
+
+
+def write_plan(runs_dir: Path, variants: Sequence[Variant]) -> Path:
+    plan = {"baseline": BASE, "variants": [{"name": v.name, "changes": v.changes} for v in variants]}
+    path = Path(runs_dir) / PLAN_FILE
+    if path.exists():  # a rerun with --only keeps the full plan's order, adding what is new
+        old = json.loads(path.read_text())
+        known = {v["name"] for v in old["variants"]}
+        plan["variants"] = old["variants"] + [v for v in plan["variants"] if v["name"] not in known]
+    write_text_atomic(path, json.dumps(plan, indent=2, default=str) + "\n")
+    return path
+
+
+def read_plan(runs_dir: Path) -> dict[str, Any]:
+    """sweep.json, or for a folder without one, the variants found (``base`` first, then by name) with
+    the changes recovered from their config.yaml files."""
+    path = runs_dir / PLAN_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    changes = _changes_from_configs(runs_dir)
+    names = sorted(changes, key=lambda n: (n != BASE, n))
+    return {"baseline": BASE if BASE in changes else None,
+            "variants": [{"name": n, "changes": changes[n]} for n in names]}
 
 
 def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
-    metrics = read_metrics(run_dir)
-    train_records = [r for r in metrics if "loss" in r]
-    result = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
-    main = result.get("elbo") or next((v for v in result.values() if isinstance(v, dict) and "bpd" in v), {})
+    train_records = [r for r in read_metrics(run_dir) if "loss" in r]
     last = train_records[-1] if train_records else {}
     wall = last.get("elapsed_s")
-    return {"variant": run_dir.name, "changes": " ".join(f"{k}={v}" for k, v in changes.items()) or "-",
-            "steps": last.get("step"), "wall_s": wall,
-            "it_per_s": (last.get("step") / wall) if wall else None, "final_loss": last.get("loss"),
-            "bpd": main.get("bpd"), "bpd_se": main.get("bpd_se")}
+    row = {"variant": run_dir.name, "changes": " ".join(f"{k}={v}" for k, v in changes.items()) or "-",
+           "steps": last.get("step"), "wall_s": wall,
+           "it_per_s": (last.get("step") / wall) if wall else None, "final_loss": last.get("loss")}
+    for split in ("val", "test"):
+        entry = _main(headline(run_dir, split))
+        row[f"{split}_bpd"], row[f"{split}_bpd_se"] = entry.get("bpd"), entry.get("bpd_se")
+        row[f"_{split}_entry"] = entry
+    return row
 
 
-def summary_rows(runs_dir: Path, changes: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per variant folder; differences to the base run (``base``, else the first variant)
-    with s.e. √(se² + se_base²), treating the two test-set means as independent (conservative)."""
-    folders = sorted(p for p in runs_dir.iterdir() if (p / "metrics.jsonl").exists())
-    if not folders:
+def _main(entries: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry a summary reports: the ELBO, else the first bpd estimate (never the data's exact one)."""
+    if "elbo" in entries:
+        return entries["elbo"]
+    return next((e for name, e in entries.items() if name != "exact" and "bpd" in e), {})
+
+
+def paired_difference(run_a: Path, entry_a: Mapping[str, Any], run_b: Path, entry_b: Mapping[str, Any]
+                      ) -> tuple[float, float, int] | None:
+    """(mean of bpd_a,i − bpd_b,i, its paired s.e., n) over the examples both evaluated; None when
+    either has no per-example record or they share no example."""
+    if "per_example" not in entry_a or "per_example" not in entry_b:
+        return None
+    try:
+        a, b = per_example(run_a, entry=entry_a), per_example(run_b, entry=entry_b)
+    except SdeflowError:
+        return None
+    common, ia, ib = _intersect(a["index"], b["index"])
+    if common == 0:
+        return None
+    mean, se = mean_and_se(a["bpd"][ia] - b["bpd"][ib])
+    return mean, se, common
+
+
+def _intersect(x, y):
+    import torch
+
+    shared = torch.tensor(sorted(set(x.tolist()) & set(y.tolist())), dtype=torch.long)
+    if shared.numel() == 0:
+        return 0, None, None
+    return shared.numel(), torch.searchsorted(x, shared), torch.searchsorted(y, shared)
+
+
+def summary_rows(runs_dir: Path, baseline: str | None = None) -> list[dict[str, Any]]:
+    """One row per variant of the plan that has a run folder, in the plan's order; differences to the
+    baseline (``base``, or ``baseline``) with paired and independent standard errors."""
+    plan = read_plan(runs_dir)
+    rows = [_row(runs_dir / v["name"], v["changes"]) for v in plan["variants"]
+            if (runs_dir / v["name"] / "metrics.jsonl").exists()]
+    if not rows:
         raise SdeflowError(f"{runs_dir}: no variant runs found (no */metrics.jsonl)")
-    changes = changes or {}
-    rows = [_row(p, changes.get(p.name, {})) for p in folders]
-    order = list(changes)
-    rows.sort(key=lambda r: (r["variant"] != BASE, order.index(r["variant"]) if r["variant"] in order else len(order),
-                             r["variant"]))
-    base = next((r for r in rows if r["variant"] == BASE), rows[0])
+    names = [r["variant"] for r in rows]
+    baseline = baseline or plan.get("baseline")
+    if baseline not in names:
+        given = f"'{baseline}' is not among them" if baseline else "none is named 'base'"
+        raise SdeflowError(f"{runs_dir}: no baseline run ({given}); name one with --baseline NAME "
+                           f"(variants: {', '.join(names)})")
+    base = rows[names.index(baseline)]
     for r in rows:
-        if r is base:
-            r["delta_bpd"], r["delta_se"] = (0.0, 0.0) if r["bpd"] is not None else (None, None)
-        elif r["bpd"] is not None and base["bpd"] is not None:
-            r["delta_bpd"] = r["bpd"] - base["bpd"]
-            r["delta_se"] = math.sqrt(r["bpd_se"] ** 2 + base["bpd_se"] ** 2)
-        else:
-            r["delta_bpd"] = r["delta_se"] = None
+        for split in ("val", "test"):
+            _deltas(runs_dir, r, base, split)
+    ranked = sorted((r for r in rows if r["val_bpd"] is not None), key=lambda r: r["val_bpd"])
+    for r in rows:
+        r["val_rank"] = ranked.index(r) + 1 if r in ranked else None
+    for r in rows:
+        r.pop("_val_entry"), r.pop("_test_entry")
     return rows
+
+
+def _deltas(runs_dir: Path, row: dict[str, Any], base: dict[str, Any], split: str) -> None:
+    keys = [f"{split}_delta", f"{split}_delta_se_paired", f"{split}_delta_se_indep"]
+    row.update(dict.fromkeys(keys))
+    if row[f"{split}_bpd"] is None or base[f"{split}_bpd"] is None:
+        return
+    row[keys[0]] = row[f"{split}_bpd"] - base[f"{split}_bpd"]
+    row[keys[2]] = math.sqrt(row[f"{split}_bpd_se"] ** 2 + base[f"{split}_bpd_se"] ** 2)
+    if row is base:
+        row[keys[0]], row[keys[1]], row[keys[2]] = 0.0, 0.0, 0.0
+        row.setdefault("paired_n", row[f"_{split}_entry"].get("n"))
+        return
+    paired = paired_difference(runs_dir / row["variant"], row[f"_{split}_entry"],
+                               runs_dir / base["variant"], base[f"_{split}_entry"])
+    if paired is not None:
+        row[keys[0]], row[keys[1]] = paired[0], paired[1]
+        if split == "test":
+            row["paired_n"] = paired[2]
 
 
 def _fmt(value: Any) -> str:
@@ -176,21 +266,24 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_summary(runs_dir: str | Path, changes: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
-    """summary.csv, summary.md and bpd.png in ``runs_dir``; changes are read from config if not given."""
+def write_summary(runs_dir: str | Path, baseline: str | None = None) -> list[dict]:
+    """summary.csv, summary.md and bpd.png in ``runs_dir``, from sweep.json and the runs' eval.json files;
+    the same runs always give the same bytes."""
     runs_dir = Path(runs_dir)
-    if changes is None:
-        changes = _changes_from_configs(runs_dir)
-    rows = summary_rows(runs_dir, changes)
+    rows = summary_rows(runs_dir, baseline)
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
     write_text_atomic(runs_dir / "summary.csv", table.getvalue())
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
-    write_text_atomic(runs_dir / "summary.md", "\n".join(lines) + "\n")
-    plot_bpd(runs_dir, [r["variant"] for r in rows])
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    base = baseline or read_plan(runs_dir).get("baseline")
+    note = (f"\nDeltas are to '{base}' on the same examples with the same random streams; paired s.e. = "
+            "std of per-example differences / √n, indep. = √(se² + se_base²). val_rank ranks by "
+            "validation bpd; report the test columns of the variant chosen on val.\n")
+    write_text_atomic(runs_dir / "summary.md", "\n".join(lines) + "\n" + note)
+    plot_bpd(runs_dir, rows)
     print("\n".join(lines))
     return rows
 
@@ -202,46 +295,54 @@ def _changes_from_configs(runs_dir: Path) -> dict[str, dict[str, Any]]:
     configs = {p.name: flatten(read_yaml(p / "config.yaml")) for p in runs_dir.iterdir()
                if (p / "config.yaml").exists()}
     base = configs.get(BASE, {})
-    skip = ("name", "plugins.")
+    skip = ("name", "plugins.", "history")
     return {name: {k: v for k, v in cfg.items() if base.get(k) != v and not k.startswith(skip)}
             for name, cfg in configs.items()}
 
 
-def plot_bpd(runs_dir: Path, variants: Sequence[str]) -> Path | None:
-    """bpd vs step with ±1 s.e. bands, one line per variant."""
-    from .figures import pyplot_agg
+def plot_bpd(runs_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path | None:
+    """Left: periodic bpd vs step (±1 s.e. bands), one line per variant. Right: each variant's final
+    test Δbpd to the baseline with ±2 paired s.e. (dark) and ±2 independent s.e. (light)."""
+    from .figures import pyplot_agg, save_figure
 
     plt = pyplot_agg()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (curves, deltas) = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
-    for name in variants:
-        evals = [r for r in read_metrics(runs_dir / name) if "bpd" in r]
+    for row in rows:
+        evals = [r for r in read_metrics(runs_dir / row["variant"]) if "bpd" in r]
         if not evals:
             continue
         steps = [r["step"] for r in evals]
         bpd = [r["bpd"] for r in evals]
         se = [r.get("bpd_se", 0.0) for r in evals]
-        ax.plot(steps, bpd, marker="o", label=name)
-        ax.fill_between(steps, [b - s for b, s in zip(bpd, se)], [b + s for b, s in zip(bpd, se)], alpha=0.2)
+        curves.plot(steps, bpd, marker="o", label=row["variant"])
+        curves.fill_between(steps, [b - s for b, s in zip(bpd, se)], [b + s for b, s in zip(bpd, se)], alpha=0.2)
         drawn = True
-    if not drawn:
+    with_delta = [r for r in rows if r.get("test_delta") is not None]
+    if not drawn and not with_delta:
         plt.close(fig)
         return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per dimension (±1 s.e.)")
-    ax.legend()
-    fig.tight_layout()
-    path = runs_dir / "bpd.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    split = {r.get("split", "val") for row in rows for r in read_metrics(runs_dir / row["variant"]) if "bpd" in r}
+    curves.set_xlabel("step")
+    curves.set_ylabel(f"{'/'.join(sorted(split)) or 'val'} bits per dimension (±1 s.e.)")
+    if drawn:
+        curves.legend(fontsize="small")
+    for y, row in enumerate(with_delta):
+        indep, paired = row["test_delta_se_indep"] or 0.0, row["test_delta_se_paired"]
+        deltas.errorbar(row["test_delta"], y, xerr=2 * indep, fmt="none", ecolor="0.75", elinewidth=6)
+        if paired is not None:
+            deltas.errorbar(row["test_delta"], y, xerr=2 * paired, fmt="o", color="C0", capsize=3)
+    deltas.axvline(0.0, color="k", lw=0.5)
+    deltas.set_yticks(range(len(with_delta)), [r["variant"] for r in with_delta], fontsize="small")
+    deltas.set_xlabel("test Δbpd to baseline (±2 s.e.: paired dark, independent light)")
+    return save_figure(fig, runs_dir / "bpd.png")
 
 
 def sweep_from_cli(args) -> int:
     if args.summary:
         if not Path(args.summary).is_dir():
             raise SdeflowError(f"--summary: {args.summary} is not a folder of sweep runs")
-        write_summary(args.summary)
+        write_summary(args.summary, args.baseline)
         return 0
     if not args.experiment:
         raise ConfigError("sweep: give an experiment file, or --summary DIR")

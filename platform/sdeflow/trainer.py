@@ -17,15 +17,41 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import derive_seed, load, rng_state, save_atomic, set_rng_state, write_text_atomic
-from .config import Experiment, load_experiment, plugin_versions
+from .checkpoint import (
+    derive_seed,
+    remove_stale_temporaries,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    write_text_atomic,
+)
+from .config import Experiment, load_experiment, plugin_versions, read_experiment_data
 from .data import train_batches
 from .distributed import DistContext, init_from_env, shutdown
 from .errors import SdeflowError
-from .evaluate import format_results, write_eval
+from .evaluate import format_results
 from .figures import image_for_tensorboard
+from .memory import bytes_per_example, check_batch_fits
+from .results import headline, record
 from .runlog import RunLog, flatten, truncate_metrics
-from .runs import CONFIG_FILE, Run, build_run, dump_config, read_run_config, resolve_device
+from .runs import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    PREVIOUS,
+    Run,
+    RunLock,
+    breaks_exact_resume,
+    build_run,
+    config_changes,
+    dump_config,
+    history_entry,
+    qualified_components,
+    read_run_config,
+    read_run_records,
+    recorded_plugins,
+    resolve_device,
+    restore,
+)
 
 
 class TrainingDiverged(SdeflowError):
@@ -34,6 +60,10 @@ class TrainingDiverged(SdeflowError):
 
 def notice(message: str) -> None:
     print(f"sdeflow: {message}", file=sys.stderr)
+
+
+def _quiet(message: str) -> None:
+    """Ranks other than 0 say nothing (rank 0 says it once)."""
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -65,7 +95,7 @@ def adam(parameters, lr: float) -> torch.optim.Adam:
 class Trainer:
     """Owns the optimisation state of one run folder."""
 
-    def __init__(self, run: Run, *, restart: bool = False):
+    def __init__(self, run: Run, *, restart: bool = False, allow_changes: bool = False, reevaluate: bool = False):
         self.run, self.exp, self.ctx = run, run.exp, run.ctx
         cfg = self.exp.train
         self.optimizer = adam(run.model.parameters(), cfg.lr)
@@ -73,7 +103,15 @@ class Trainer:
         self.elapsed = 0.0  # seconds spent in training steps, across resumes
         self.raw_network = run.model.parameterization.network
         self.autocast = self._autocast()
-        self._prepare_folder(restart)
+        self.allow_changes, self.reevaluate = allow_changes, reevaluate
+        self.lock = RunLock(run.run_dir)
+        self.log: RunLog | None = None
+        self._check_memory()  # before anything is written
+        try:
+            self._prepare_folder(restart)
+        except BaseException:
+            self.lock.release()
+            raise
         if self.exp.train.channels_last and run.data.kind == "image":
             run.model.to(memory_format=torch.channels_last)
             run.ema.to(memory_format=torch.channels_last)
@@ -81,7 +119,6 @@ class Trainer:
         self.ema_pairs = (list(run.ema.parameters()), [p.detach() for p in run.model.parameters()])
         self.ddp_network = self.ctx.wrap(self.raw_network)  # one DDP wrapper for the whole run
         run.model.parameterization.network = self._compile(self.ddp_network)
-        self.log = self._open_log() if self.ctx.is_main else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -121,50 +158,98 @@ class Trainer:
             set_rng_state(before)  # the eager step draws the same noise the compiled one would have
             return self.train_step(x)
 
+    def _check_memory(self) -> None:
+        """Batch sizes and sample counts that clearly cannot fit are config errors, before any allocation."""
+        run, exp = self.run, self.exp
+        per_example = bytes_per_example(run.model, tuple(run.data.shape), run.device)
+        check_batch_fits("train.batch_size", -(-exp.train.batch_size // self.ctx.world), per_example,
+                         run.device, exp.source)
+        check_batch_fits("eval.batch_size", exp.eval.batch_size * exp.eval.samples_per_example, per_example,
+                         run.device, exp.source)
+        check_batch_fits("sample.num", exp.sample.num, per_example, run.device, exp.source, factor=1.5)
+
     def _prepare_folder(self, restart: bool) -> None:
-        run_dir, ckpt = self.run.run_dir, self.run.checkpoint_path
-        if self.ctx.is_main and restart and run_dir.exists():
+        run_dir = self.run.run_dir
+        problem = None
+        if self.ctx.is_main:
+            try:
+                self._take_folder(restart)
+            except SdeflowError as e:
+                problem = e
+        if self.ctx.any(problem is not None):  # every rank stops, not just the one that found out
+            raise problem or SdeflowError(f"{run_dir}: rank 0 could not take the run folder")
+        changes = self._check_changes() if (run_dir / CONFIG_FILE).exists() else {}
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device.
+        restore(run_dir, self._resume, notice if self.ctx.is_main else _quiet, set_aside=self.ctx.is_main)
+        self.ctx.barrier()  # every rank has read the old config and checkpoint before rank 0 replaces them
+        if self.ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(run_dir, self.step)  # records after the checkpoint belong to lost work
+            plugins = plugin_versions(self.run.registry, self.exp)
+            history = self._history(changes)
+            text = dump_config(self.exp, plugins, history)
+            if not (run_dir / CONFIG_FILE).exists() or (run_dir / CONFIG_FILE).read_text() != text:
+                write_text_atomic(run_dir / CONFIG_FILE, text)
+
+    def _take_folder(self, restart: bool) -> None:
+        """Lock the run folder (one writer per run), moving an old run aside first with ``--restart``."""
+        run_dir = self.run.run_dir
+        self.lock.acquire()
+        if restart and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             stamp = time.strftime("%Y%m%d-%H%M%S")
             backup = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
             n = 1
             while backup.exists():  # two restarts within one second
                 backup, n = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}"), n + 1
-            shutil.move(str(run_dir), backup)
+            shutil.move(str(run_dir), backup)  # the lock file moves with it, still held
+            self.lock.release()
             notice(f"--restart: moved the previous run to {backup}")
-        self.ctx.barrier()
-        if (run_dir / CONFIG_FILE).exists():  # a run was started here, checkpointed or not
-            self._check_same_experiment()
-        if ckpt.exists():
-            # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device.
-            self._resume(load(ckpt, map_location="cpu"))
-        self.ctx.barrier()  # every rank has read the old config before rank 0 replaces it
-        if self.ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            truncate_metrics(run_dir, self.step)  # records after the checkpoint belong to lost work
-            plugins = plugin_versions(self.run.registry, self.exp)
-            write_text_atomic(run_dir / CONFIG_FILE, dump_config(self.exp, plugins))
+            self.lock = RunLock(run_dir)
+            self.lock.acquire()
+        for tmp in remove_stale_temporaries(run_dir):
+            notice(f"removed {tmp}, left by a writer that was killed mid-write")
 
-    def _check_same_experiment(self) -> None:
-        """Resuming with other components would load weights into the wrong model: refuse."""
-        old = read_run_config(self.run.run_dir)
-        new = self.exp.to_dict()
-        for kind in self.exp.components:
-            if old.get(kind) != new.get(kind):
+    def _check_changes(self) -> dict[str, tuple[Any, Any]]:
+        """Announce every setting changed since the run's config.yaml; refuse those that break exact
+        resume (seed, batch size, components) unless ``--allow-changes``."""
+        run_dir, registry = self.run.run_dir, self.run.registry
+        recorded = recorded_plugins(run_dir)
+        old = qualified_components(read_run_config(run_dir), registry, recorded)
+        new = qualified_components(self.exp.to_dict(), registry, recorded)
+        changes = config_changes(old, new)
+        for key, (before, after) in changes.items():
+            kind = key.split(".", 1)[0]
+            if not self.allow_changes and kind in self.exp.components:
                 raise SdeflowError(
-                    f"{self.run.run_dir}: holds a run with a different {kind} ({old.get(kind)} vs "
-                    f"{new.get(kind)}); use --restart or another --run-dir")
+                    f"{run_dir}: holds a run with a different {kind} ({old.get(kind)} vs {new.get(kind)}); "
+                    "use --restart or another --run-dir (or --allow-changes to load its weights anyway)")
+            if not self.allow_changes and breaks_exact_resume(key, self.exp.components):
+                raise SdeflowError(
+                    f"{run_dir}: {key} changed on resume ({before} → {after}), which breaks exact resume; "
+                    "use --allow-changes to go on anyway, --restart to start afresh, or another --run-dir")
+        for key, (before, after) in changes.items():
+            if self.ctx.is_main:
+                notice(f"{key} changed on resume: {before} → {after}")
+        return changes
+
+    def _history(self, changes: dict[str, tuple[Any, Any]]) -> list[dict[str, Any]]:
+        """config.yaml's record of earlier settings, with one more step range if settings changed now."""
+        path = self.run.run_dir / CONFIG_FILE
+        history = list((read_run_records(self.run.run_dir).get("history") or []) if path.exists() else [])
+        if changes and self.step > 0:
+            start = history[-1]["to_step"] if history else 0
+            history.append(history_entry(changes, start, self.step))
+        return history
 
     def _resume(self, state: dict[str, Any]) -> None:
         self.run.model.load_state_dict(state["model"])
         self.run.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the config's lr wins over the one saved
-            if group["lr"] != self.exp.train.lr and self.ctx.is_main:
-                notice(f"train.lr changed on resume: {group['lr']:g} → {self.exp.train.lr:g}")
             group["lr"] = self.exp.train.lr
+        set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
-        set_rng_state(state["rng"])
         if self.ctx.is_main:
             notice(f"resuming {self.run.run_dir} from step {self.step}")
 
@@ -183,8 +268,9 @@ class Trainer:
                 "step": self.step, "elapsed": self.elapsed, "rng": rng_state(), "config": self.exp.to_dict()}
 
     def save(self) -> None:
+        """last.pt, keeping the one it replaces as previous.pt (the fallback if last.pt is ever unreadable)."""
         if self.ctx.is_main:
-            save_atomic(self.state_dict(), self.run.checkpoint_path)
+            save_atomic(self.state_dict(), self.run.checkpoint_path, keep_previous=self.run.run_dir / PREVIOUS)
         self.ctx.barrier()
 
     # ------------------------------------------------------------------ the loop
@@ -222,19 +308,30 @@ class Trainer:
         return loss.detach()
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``, then save, evaluate and sample; the logs are closed whatever happens."""
+        """Train to ``train.steps``, then save, evaluate and sample; the logs are closed and the run
+        folder unlocked whatever happens. Returns the final results by split."""
         try:
             return self._fit()
         finally:
             if self.log:
                 self.log.close()
+            self.lock.release()
 
     def _fit(self) -> dict[str, Any]:
         cfg, run = self.exp.train, self.run
         if self.step >= cfg.steps:
+            done = {split: headline(run.run_dir, split) for split in self.final_splits()}
+            if all(entries and min(e["step"] for e in entries.values()) >= self.step for entries in done.values()) \
+                    and not self.reevaluate:
+                if self.ctx.is_main:
+                    notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps}) and "
+                           "evaluated; nothing to do (--reevaluate evaluates it again)")
+                return done
             if self.ctx.is_main:
                 notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps})")
+            self.log = self._open_log() if self.ctx.is_main else None
             return self.finish(trained=False)
+        self.log = self._open_log() if self.ctx.is_main else None
         batches = train_batches(run.data.train, cfg.batch_size, self.exp.seed, self.step, cfg.steps,
                                 shuffle=run.data.train_shuffle, shard=self.ctx.shard,
                                 num_workers=cfg.num_workers)
@@ -293,12 +390,22 @@ class Trainer:
         if self._due(cfg.checkpoint_every):
             self.save()
 
-    def evaluate(self) -> dict[str, Any]:
-        results = self.run.evaluate()
+    def final_splits(self) -> list[str]:
+        """The splits the final evaluation covers: val (when the data has one) and test."""
+        return (["val"] if self.run.data.val is not None else []) + ["test"]
+
+    def evaluate(self, split: str | None = None) -> dict[str, Any]:
+        """One split (default: val, else test); its main estimator's bpd goes to metrics.jsonl. The
+        periodic curve is always the same split; a final test result is logged as ``test_bpd``."""
+        curve = self.final_splits()[0]
+        split = split or curve
+        results = self.run.evaluate(split=split)
         if self.log:
             main = results.get("elbo") or next(iter(results.values()))
-            extra = {"exact_bpd": results["exact"]["bpd"]} if "exact" in results else {}
-            self.log.log(self.step, bpd=main["bpd"], bpd_se=main["bpd_se"], elbo=-main["nats"], **extra)
+            prefix = "" if split == curve else f"{split}_"
+            extra = {f"{prefix}exact_bpd": results["exact"]["bpd"]} if "exact" in results else {}
+            self.log.log(self.step, **{f"{prefix}bpd": main["bpd"], f"{prefix}bpd_se": main["bpd_se"],
+                                       f"{prefix}elbo": -main["nats"]}, split=split, **extra)
         return results
 
     def samples(self) -> None:
@@ -313,16 +420,18 @@ class Trainer:
             self.run.save_trajectories(self.run.run_dir / "samples" / "trajectories.png",
                                        num=self.exp.sample.num, steps=self.exp.sample.steps, seed=self.exp.seed)
 
-    def finish(self, trained: bool) -> dict[str, Any]:
+    def finish(self, trained: bool) -> dict[str, dict[str, Any]]:
+        """Save, evaluate every final split, sample; results are recorded in eval.json (by split)."""
         if trained:
             self.save()
-        results = self.evaluate()
+        results = {split: self.evaluate(split) for split in self.final_splits()}
         self.samples()
         if self.ctx.is_main:
-            write_eval(self.run.run_dir, results, step=self.step)
-            print(format_results(results, self.run.data.kind))
+            for split, by_estimator in results.items():
+                record(self.run.run_dir, by_estimator, step=self.step, seed=self.exp.seed)
+                print(f"{split}:\n{format_results(by_estimator, self.run.data.kind)}")
             if self.log:
-                main = results.get("elbo", {})
+                main = results["test"].get("elbo", {})
                 self.log.hparams(flatten({k: v for k, v in self.exp.to_dict().items()
                                           if k not in ("ablations", "sweep")}),
                                  {"bpd": main.get("bpd", float("nan")), "bpd_se": main.get("bpd_se", float("nan"))})
@@ -330,17 +439,30 @@ class Trainer:
 
 
 def train(exp: Experiment, run_dir: str | Path | None = None, *, restart: bool = False, registry=None,
-          ctx: DistContext | None = None) -> dict[str, Any]:
-    """Train ``exp`` into ``run_dir`` (default runs/<name>), resuming from its last checkpoint."""
-    run = build_run(exp, run_dir or Path("runs") / exp.name, registry=registry, ctx=ctx)
-    return Trainer(run, restart=restart).fit()
+          ctx: DistContext | None = None, allow_changes: bool = False, reevaluate: bool = False
+          ) -> dict[str, dict[str, Any]]:
+    """Train ``exp`` into ``run_dir`` (default runs/<name>), resuming from its last checkpoint.
+
+    Returns the final evaluation by split and estimator (``results["test"]["elbo"]["bpd"]``).
+    """
+    run = build_run(exp, run_dir or default_run_dir(exp.name), registry=registry, ctx=ctx)
+    return Trainer(run, restart=restart, allow_changes=allow_changes, reevaluate=reevaluate).fit()
+
+
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / name
 
 
 def train_from_cli(args) -> int:
-    exp = load_experiment(args.experiment, args.overrides)
+    data = read_experiment_data(args.experiment, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(str(data.get("name", Path(args.experiment).stem)))
+    # A name that two plugins now register resolves as this run recorded it.
+    prefer = {} if args.restart else recorded_plugins(run_dir)
+    exp = load_experiment(args.experiment, args.overrides, prefer=prefer)
     ctx = init_from_env(resolve_device(exp.device, exp.source))
     try:
-        train(exp, args.run_dir, restart=args.restart, ctx=ctx)
+        train(exp, run_dir, restart=args.restart, ctx=ctx, allow_changes=args.allow_changes,
+              reevaluate=args.reevaluate)
     finally:
         shutdown(ctx)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +20,10 @@ class Identity(DataTransform):
 
     def inverse(self, z: Tensor) -> Tensor:
         return z
+
+    def protocol(self) -> dict[str, Any]:
+        return {"transform": "identity", "dequantization": "none (continuous data)", "log_det": 0.0,
+                "bits_offset": 0.0}
 
 
 class Dequantize(DataTransform):
@@ -44,6 +49,14 @@ class Dequantize(DataTransform):
         if self.alpha is None:
             return x_tilde, x.new_zeros(x.shape[0])
         return logit_transform(x_tilde, self.alpha)
+
+    def protocol(self) -> dict[str, Any]:
+        L = self.levels
+        return {"transform": "dequantize" + ("" if self.alpha is None else " + logit"),
+                "dequantization": f"uniform: x~ = (x*{L - 1} + u)/{L}, u ~ U[0,1)^D, one draw per example",
+                "logit_alpha": self.alpha,
+                "log_det": "included: bpd is of x~ in [0,1)^D" if self.alpha is not None else 0.0,
+                "bits_offset": self.bits_offset}
 
     def inverse(self, z: Tensor) -> Tensor:
         if self.alpha is None:

@@ -1,9 +1,11 @@
 """Built-in data sets: a 2-D Swiss roll, an N-D Gaussian with a known density, MNIST and CIFAR-10.
 
-Each factory returns a :class:`sdeflow.interfaces.DataBundle`. Toy data are generated in memory from
-``seed`` (train and test from independent streams, so the test set does not change with ``n``);
-images come from torchvision's own classes as x ∈ {0..255}/255 and are dequantized by the kernel's
-:class:`~sdeflow.transforms.Dequantize`, so bits per dimension are computed the same way everywhere.
+Each factory returns a :class:`sdeflow.interfaces.DataBundle` with train, val and test splits. Toy
+data are generated in memory from ``seed`` (train, val and test from independent streams, so neither
+held-out split changes with ``n``); images come from torchvision's own classes as x ∈ {0..255}/255 and
+are dequantized by the kernel's :class:`~sdeflow.transforms.Dequantize`, so bits per dimension are
+computed the same way everywhere. Their val split is a seeded hold-out of ``n_val`` training images
+(:func:`hold_out`), read without augmentation; the test split is the official test files.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from functools import partial
 
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
+from sdeflow.checkpoint import derive_seed
 from sdeflow.errors import DataError, require
 from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import DataBundle
@@ -44,17 +48,24 @@ DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 # Toy data
 
 
-def _streams(seed: int) -> tuple[torch.Generator, torch.Generator, torch.Generator]:
-    """Independent generators for (parameters, train split, test split), all derived from ``seed``."""
+def _streams(seed: int) -> tuple[torch.Generator, torch.Generator, torch.Generator, torch.Generator]:
+    """Independent generators for (parameters, train split, test split, val split), all from ``seed``.
+
+    The first three are drawn from one root generator, as before val splits existed; the val stream is
+    hashed from (seed, "val") instead of being a fourth draw, so it cannot shift them: train and test
+    points for a seed are the same as in runs made before.
+    """
     root = torch.Generator().manual_seed(seed)
     seeds = torch.randint(2**62, (3,), generator=root).tolist()
     params, train, test = (torch.Generator().manual_seed(s) for s in seeds)
-    return params, train, test
+    val = torch.Generator().manual_seed(derive_seed(seed, "val"))
+    return params, train, test, val
 
 
-def _check_sizes(n: int, n_test: int) -> None:
+def _check_sizes(n: int, n_test: int, n_val: int) -> None:
     require(n > 0, "n", f"must be positive, got {n}")
     require(n_test > 0, "n_test", f"must be positive, got {n_test}")
+    require(n_val > 0, "n_val", f"must be positive, got {n_val}")
 
 
 def swissroll_points(n: int, noise: float, scale: float, generator: torch.Generator) -> Tensor:
@@ -65,15 +76,21 @@ def swissroll_points(n: int, noise: float, scale: float, generator: torch.Genera
 
 
 def swissroll(
-    n: int = 20000, n_test: int = 2000, noise: float = 0.5, scale: float = 0.2, seed: int = 0
+    n: int = 20000,
+    n_test: int = 2000,
+    noise: float = 0.5,
+    scale: float = 0.2,
+    seed: int = 0,
+    n_val: int = 2000,
 ) -> DataBundle:
     """2-D Swiss roll (scikit-learn's make_swiss_roll in the x–z plane); scale 0.2 is the reference's /5."""
-    _check_sizes(n, n_test)
+    _check_sizes(n, n_test, n_val)
     require(noise >= 0, "noise", f"must be non-negative, got {noise}")
     require(scale > 0, "scale", f"must be positive, got {scale}")
-    _, train_gen, test_gen = _streams(seed)
+    _, train_gen, test_gen, val_gen = _streams(seed)
     return DataBundle(
         train=swissroll_points(n, noise, scale, train_gen),
+        val=swissroll_points(n_val, noise, scale, val_gen),
         test=swissroll_points(n_test, noise, scale, test_gen),
         shape=(2,),
         transform=Identity(),
@@ -159,6 +176,7 @@ def gaussian(
     scales: tuple[float, ...] | None = None,
     rotate: bool = True,
     seed: int = 0,
+    n_val: int = 2000,
 ) -> DataBundle:
     """N-D Gaussian N(μ₀, R diag(scales²) Rᵀ) with its exact log-density; drawn from ``seed`` when unset.
 
@@ -166,9 +184,9 @@ def gaussian(
     U[0.5 std, 1.5 std]; ``rotate`` applies a random rotation R, so the covariance is not diagonal.
     """
     require(dim > 0, "dim", f"must be positive, got {dim}")
-    _check_sizes(n, n_test)
+    _check_sizes(n, n_test, n_val)
     require(std > 0, "std", f"must be positive, got {std}")
-    params, train_gen, test_gen = _streams(seed)
+    params, train_gen, test_gen, val_gen = _streams(seed)
     # Always drawn, so that setting the mean or the scales leaves the rotation unchanged.
     u_mean, u_scale = torch.rand(2, dim, generator=params, dtype=torch.float64)
     mu = _axis_values(mean, dim, "mean", std * (2 * u_mean - 1))
@@ -178,6 +196,7 @@ def gaussian(
     density = GaussianDensity(mu, (R * axis_std**2) @ R.T)
     return DataBundle(
         train=density.sample(n, generator=train_gen),
+        val=density.sample(n_val, generator=val_gen),
         test=density.sample(n_test, generator=test_gen),
         shape=(dim,),
         transform=Identity(),
@@ -252,26 +271,82 @@ def _open(name: str, root: str, make: Callable[[], object]):
         ) from None
 
 
-def mnist(root: str = "data", download: bool = True, logit_alpha: float | None = 0.05) -> DataBundle:
-    """MNIST (torchvision): 1×28×28 images dequantized, then logit(α + (1 − 2α)x̃) unless α is null."""
+def _check_n_val(n_val: int) -> None:
+    require(n_val >= 0, "n_val", f"must be non-negative (0: no val split), got {n_val}")
+
+
+def hold_out_indices(name: str, n_train: int, n_val: int, split_seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, val indices): a split of range(n_train) that depends only on (split_seed, name).
+
+    A permutation seeded from derive_seed(split_seed, "val-split", name) puts its first ``n_val``
+    entries in val, in the permutation's order (so any prefix of val is a uniform sample, and a
+    smaller n_val keeps a prefix of a larger one's val); the rest are train, in file order.
+    """
+    require(
+        n_val < n_train,
+        "n_val",
+        f"must be less than the {n_train} training examples of {name} (the rest are trained on), got {n_val}",
+    )
+    generator = torch.Generator().manual_seed(derive_seed(split_seed, "val-split", name))
+    order = torch.randperm(n_train, generator=generator)
+    return order[n_val:].sort().values.tolist(), order[:n_val].tolist()
+
+
+def _hold_out(name: str, train, n_val: int, split_seed: int, unaugmented: Callable[[], object] | None = None):
+    """(train, val) Subsets of the training files, or (train, None) when n_val is 0.
+
+    ``unaugmented`` opens the training files again without augmentation, for val; None when ``train``
+    has none, and then val shares its object.
+    """
+    if n_val == 0:
+        return train, None
+    train_indices, val_indices = hold_out_indices(name, len(train), n_val, split_seed)
+    val_source = train if unaugmented is None else unaugmented()
+    return Subset(train, train_indices), Subset(val_source, val_indices)
+
+
+def mnist(
+    root: str = "data",
+    download: bool = True,
+    logit_alpha: float | None = 0.05,
+    n_val: int = 5000,
+    split_seed: int = 0,
+) -> DataBundle:
+    """MNIST (torchvision): 1×28×28 images dequantized, then logit(α + (1 − 2α)x̃) unless α is null.
+
+    ``n_val`` of the 60,000 training images, chosen by ``split_seed``, are held out as val (0: none).
+    """
     from torchvision import datasets, transforms
 
     transform = Dequantize(logit_alpha)  # validates α before any disk or network access
+    _check_n_val(n_val)
     root = os.path.expanduser(root)
     _ensure_present("MNIST", root, MNIST_FILES, download, partial(datasets.MNIST, root, download=True))
     to_tensor = transforms.ToTensor()
     train = _open("MNIST", root, lambda: datasets.MNIST(root, train=True, transform=to_tensor))
     test = _open("MNIST", root, lambda: datasets.MNIST(root, train=False, transform=to_tensor))
-    return DataBundle(train, test, shape=(1, 28, 28), transform=transform, kind="image", train_shuffle=True)
+    train, val = _hold_out("mnist", train, n_val, split_seed)
+    return DataBundle(
+        train, test, shape=(1, 28, 28), transform=transform, kind="image", train_shuffle=True, val=val
+    )
 
 
 def cifar10(
-    root: str = "data", download: bool = True, logit_alpha: float | None = 0.05, hflip: bool = True
+    root: str = "data",
+    download: bool = True,
+    logit_alpha: float | None = 0.05,
+    hflip: bool = True,
+    n_val: int = 5000,
+    split_seed: int = 0,
 ) -> DataBundle:
-    """CIFAR-10 (torchvision): 3×32×32 images; random horizontal flips on the train split only."""
+    """CIFAR-10 (torchvision): 3×32×32 images; random horizontal flips on the train split only.
+
+    ``n_val`` of the 50,000 training images, chosen by ``split_seed``, are held out as val (0: none).
+    """
     from torchvision import datasets, transforms
 
     transform = Dequantize(logit_alpha)
+    _check_n_val(n_val)
     root = os.path.expanduser(root)
     _ensure_present("CIFAR-10", root, CIFAR10_FILES, download, partial(datasets.CIFAR10, root, download=True))
     to_tensor = transforms.ToTensor()
@@ -279,7 +354,12 @@ def cifar10(
     train_tf = transforms.Compose([transforms.RandomHorizontalFlip(), to_tensor]) if hflip else to_tensor
     train = _open("CIFAR-10", root, lambda: datasets.CIFAR10(root, train=True, transform=train_tf))
     test = _open("CIFAR-10", root, lambda: datasets.CIFAR10(root, train=False, transform=to_tensor))
-    return DataBundle(train, test, shape=(3, 32, 32), transform=transform, kind="image", train_shuffle=True)
+    # Val is evaluated like test, so it reads the same training files through a second, unflipped object.
+    unflipped = partial(_open, "CIFAR-10", root, lambda: datasets.CIFAR10(root, train=True, transform=to_tensor))
+    train, val = _hold_out("cifar10", train, n_val, split_seed, unflipped if hflip else None)
+    return DataBundle(
+        train, test, shape=(3, 32, 32), transform=transform, kind="image", train_shuffle=True, val=val
+    )
 
 
 @hookimpl

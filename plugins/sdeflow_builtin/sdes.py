@@ -39,6 +39,13 @@ class _LinearBeta(SDE):
         """f(y, t) = −½ β(t) y."""
         return -0.5 * bcast(self.beta(t), y) * y
 
+    def linear_drift(self, t: Tensor) -> Tensor:
+        """κ(t) = −½ β(t)."""
+        return -0.5 * self.beta(t)
+
+    def prior_std(self) -> float:
+        return 1.0
+
     def m(self, t: Tensor) -> Tensor:
         """m(t) = exp(−½ B(t))."""
         return torch.exp(-0.5 * self.B(t))
@@ -93,6 +100,12 @@ class VESDE(SDE):
 
     def f(self, y: Tensor, t: Tensor) -> Tensor:
         return torch.zeros_like(y)
+
+    def linear_drift(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def prior_std(self) -> float:
+        return self.sigma_max
 
     def g(self, t: Tensor) -> Tensor:
         """g = σ(t) √(2 log(σ_max/σ_min) / T)."""

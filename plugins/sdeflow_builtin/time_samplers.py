@@ -21,7 +21,10 @@ class Uniform(TimeSampler):
         return torch.full_like(t, 1.0 / sde.T)
 
     def sample(self, sde: SDE, n: int, *, device=None, generator=None) -> tuple[Tensor, Tensor]:
-        t = (sde.T * _u(n, device, generator)).float()
+        return self.sample_u(sde, _u(n, device, generator))
+
+    def sample_u(self, sde: SDE, u: Tensor) -> tuple[Tensor, Tensor]:
+        t = (sde.T * u).float()
         return t, self.density(sde, t)
 
 
@@ -35,8 +38,11 @@ class Debiased(TimeSampler):
         return sde.likelihood_time_density.pdf(t)
 
     def sample(self, sde: SDE, n: int, *, device=None, generator=None) -> tuple[Tensor, Tensor]:
+        return self.sample_u(sde, _u(n, device, generator))
+
+    def sample_u(self, sde: SDE, u: Tensor) -> tuple[Tensor, Tensor]:
         density = sde.likelihood_time_density
-        t = density.icdf(_u(n, device, generator))
+        t = density.icdf(u)
         return t.float(), density.pdf(t).float()
 
 

@@ -1,0 +1,179 @@
+"""A run's evaluation results: ``eval.json`` and the per-example records beside it.
+
+Format (``eval.json``, format 2)::
+
+    {
+      "format": 2,
+      "test": {"elbo": ENTRY, "exact": ENTRY, ...},   # the headline of each split: per estimator,
+      "val":  {...},                                  #   its latest full-split result
+      "results": {KEY: ENTRY, ...}                    # every evaluation ever recorded, side by side
+    }
+
+An ENTRY holds bpd, bpd_se, nats, nats_se, n, split, estimator, step, seed, the estimator's
+``settings``, ``full`` (whether it covers the experiment's evaluation set: the whole split, or the
+first ``eval.max_examples`` the experiment itself sets), ``key`` and ``per_example``: the path,
+relative to the run folder, of a CSV file ``evals/KEY.csv`` with one row per example and the columns
+``index`` (position in the split), ``nats`` (−log p of the dequantized example in data space, or its
+ELBO bound) and ``bpd``. A notebook reads it with ``numpy.loadtxt(path, delimiter=",", skiprows=1)``
+or ``pandas.read_csv(path)``, or with :func:`per_example` here.
+
+KEY is ``SPLIT.ESTIMATOR.SETTINGS.stepSTEP``, SETTINGS a short hash of everything that fixes the
+result besides the weights (estimator settings, seed, batch size, number of examples): a different
+evaluation never replaces another one, and repeating one replaces only itself. Merges happen under a
+lock on the run folder's ``.eval.lock``, so an evaluation finishing beside a training run loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import write_text_atomic
+from .errors import SdeflowError
+
+EVAL_FILE = "eval.json"
+EXAMPLES_DIR = "evals"
+FORMAT = 2
+SPLITS = ("train", "val", "test")
+
+
+@contextlib.contextmanager
+def merge_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``RUN/.eval.lock`` exclusively (waiting for another merge to finish)."""
+    path = Path(run_dir) / ".eval.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def settings_id(settings: Mapping[str, Any]) -> str:
+    """8 hex digits naming a set of settings (stable across runs and machines)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+
+
+def result_key(split: str, estimator: str, settings: Mapping[str, Any], step: int) -> str:
+    return f"{split}.{estimator}.{settings_id(settings)}.step{step}"
+
+
+def read_eval(run_dir: str | Path) -> dict[str, Any]:
+    """eval.json as a format-2 mapping (empty if absent; an older flat file is read as legacy entries)."""
+    path = Path(run_dir) / EVAL_FILE
+    if not path.exists():
+        return {"format": FORMAT, "results": {}}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        raise SdeflowError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
+                           "move it aside to re-evaluate") from None
+    if not isinstance(data, dict):
+        raise SdeflowError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if data.get("format") == FORMAT:
+        return data
+    return _from_legacy(data)
+
+
+def _from_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """The flat eval.json of sdeflow ≤ 0.1 ({estimator: entry}) as format 2."""
+    out: dict[str, Any] = {"format": FORMAT, "results": {}}
+    for name, entry in data.items():
+        if isinstance(entry, dict) and "bpd" in entry:
+            split, step = entry.get("split", "test"), int(entry.get("step", 0))
+            key = f"{split}.{name}.legacy.step{step}"
+            out["results"][key] = {**entry, "estimator": name, "split": split, "step": step, "key": key,
+                                   "full": True, "settings": {}}
+            out.setdefault(split, {})[name] = out["results"][key]
+    return out
+
+
+def headline(run_dir: str | Path, split: str = "test") -> dict[str, dict[str, Any]]:
+    """{estimator: entry}: the latest full-split result of each estimator on ``split``."""
+    return read_eval(run_dir).get(split, {})
+
+
+def record(run_dir: str | Path, results: Mapping[str, Mapping[str, Any]], *, step: int,
+           seed: int) -> dict[str, dict[str, Any]]:
+    """Merge one evaluation (``evaluate``'s output for one split) into eval.json; write its
+    per-example CSV files first. Returns the entries written, by estimator."""
+    run_dir = Path(run_dir)
+    entries = {}
+    for estimator, result in results.items():
+        result = dict(result)
+        examples = result.pop("examples", None)
+        for name in ("bpd", "bpd_se", "nats", "nats_se"):
+            if not math.isfinite(result[name]):
+                raise SdeflowError(f"{run_dir}: {estimator} on {result['split']} gave {name} = {result[name]}; "
+                                   "nothing was recorded")
+        settings = {**result.pop("settings", {}), "seed": seed}
+        key = result_key(result["split"], estimator, settings, step)
+        entry = {**result, "estimator": estimator, "step": step, "seed": seed, "settings": settings, "key": key}
+        if examples is not None:
+            entry["per_example"] = f"{EXAMPLES_DIR}/{key}.csv"
+            write_text_atomic(run_dir / entry["per_example"], examples_csv(examples))
+        entries[estimator] = entry
+    with merge_lock(run_dir):
+        data = read_eval(run_dir)
+        for estimator, entry in entries.items():
+            data["results"][entry["key"]] = entry
+            best = data.setdefault(entry["split"], {}).get(estimator)
+            if entry.get("full") and (best is None or entry["step"] >= best.get("step", 0)):
+                data[entry["split"]][estimator] = entry
+        write_text_atomic(run_dir / EVAL_FILE, json.dumps(_ordered(data), indent=2) + "\n")
+    return entries
+
+
+def _ordered(data: dict[str, Any]) -> dict[str, Any]:
+    """format, then the headline splits in a fixed order, then results (the easy reading order)."""
+    out = {"format": FORMAT}
+    out.update({split: data[split] for split in SPLITS if split in data})
+    out["results"] = data["results"]
+    return out
+
+
+def examples_csv(examples: Mapping[str, Tensor]) -> str:
+    """``index,nats,bpd`` rows, full float64 precision."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", "nats", "bpd"])
+    index = examples["index"].tolist()
+    nats, bpd = examples["nats"].tolist(), examples["bpd"].tolist()
+    writer.writerows(zip(index, (repr(v) for v in nats), (repr(v) for v in bpd)))
+    return buffer.getvalue()
+
+
+def per_example(run_dir: str | Path, split: str = "test", estimator: str = "elbo",
+                entry: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """{"index", "nats", "bpd"} of one recorded evaluation (default: the headline of ``split``)."""
+    run_dir = Path(run_dir)
+    if entry is None:
+        entry = headline(run_dir, split).get(estimator)
+        if entry is None:
+            raise SdeflowError(f"{run_dir}: no full {split} result for estimator '{estimator}' in {EVAL_FILE}")
+    if "per_example" not in entry:
+        raise SdeflowError(f"{run_dir}: the {entry.get('key')} result has no per-example record")
+    path = run_dir / entry["per_example"]
+    try:
+        rows = list(csv.reader(path.read_text().splitlines()))[1:]
+    except OSError as e:
+        raise SdeflowError(f"{path}: cannot read per-example record ({e.strerror})") from None
+    columns = list(zip(*rows)) if rows else [(), (), ()]
+    return {"index": torch.tensor([int(v) for v in columns[0]], dtype=torch.long),
+            "nats": torch.tensor([float(v) for v in columns[1]], dtype=torch.float64),
+            "bpd": torch.tensor([float(v) for v in columns[2]], dtype=torch.float64)}
