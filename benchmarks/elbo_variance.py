@@ -14,7 +14,7 @@ images, the dequantization), through the run's own estimators (what ``sdeflow ev
               reports it: the spread of the data plus the estimator's own noise
     MC sd     the estimator's own noise per example, in bpd: √(mean over examples of the variance
               across repeats); independent of how different the examples are
-    time      wall seconds for one pass over the examples
+    time      wall seconds for one pass over the examples (the fastest pass)
     @eq       MC sd × √(time / time of uniform K = 1): the noise per example at EQUAL COMPUTE, i.e. as
               if the 1-sample uniform estimator had been averaged over as many passes as fit in that time
 
@@ -106,8 +106,9 @@ class Bench:
         return torch.cat(out).cpu()
 
     def timed_passes(self, estimate, repeats: int, warmup_examples: int | None = None) -> tuple[torch.Tensor, float]:
-        """(per-example bpd of every pass, shape (repeats, N); median seconds per pass) after an untimed
-        warm-up on the first ``warmup_examples`` examples (default: the whole first batch)."""
+        """(per-example bpd of every pass, shape (repeats, N); seconds of the fastest pass, which other
+        load on a shared machine disturbs least) after an untimed warm-up on the first ``warmup_examples``
+        examples (default: the whole first batch)."""
         self.warm_up(estimate, warmup_examples)
         values, seconds = [], []
         for r in range(repeats):
@@ -115,7 +116,7 @@ class Bench:
             values.append(self.bpd(estimate, seed=1000 + r))
             synchronize(self.run.device)
             seconds.append(time.perf_counter() - start)
-        return torch.stack(values), float(np.median(seconds))
+        return torch.stack(values), min(seconds)
 
     @torch.no_grad()
     def warm_up(self, estimate, examples: int | None) -> None:

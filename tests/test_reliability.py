@@ -346,6 +346,17 @@ def test_every_change_on_resume_is_announced_and_kept_in_the_config_history(trai
     assert run_cli(capsys, "eval", run)[0] == 0  # a config with a history still opens
 
 
+def test_settings_added_since_a_run_began_are_not_changes(trained, capsys):
+    path, run = trained
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["eval"]["stratify_time"], config["train"]["num_workers"]  # as written by an older sdeflow
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.steps=6")
+    assert status == 0, err
+    assert [line for line in err.splitlines() if "changed on resume" in line] == [
+        "sdeflow: train.steps changed on resume: 4 → 6"]
+
+
 def test_rerunning_a_finished_run_does_nothing_but_say_so(tmp_path, capsys):
     path = write_experiment(tmp_path, tiny_config(logging={"progress": False, "tensorboard": True}))
     run = tmp_path / "run"

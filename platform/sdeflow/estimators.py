@@ -110,10 +110,12 @@ def make_estimators(
 
 
 class PilotDraws:
-    """Per-draw scalars of a pilot pass: example index, t, q₀(t) of the pilot sampler, integrands."""
+    """Per-draw scalars of a pilot pass: t, q₀(t) of the pilot sampler, integrands; PILOT_SAMPLES
+    consecutive draws per example."""
 
-    def __init__(self, example: Tensor, t: Tensor, q0: Tensor, parts: dict[str, Tensor]):
-        self.example, self.t, self.q0, self.parts = example, t, q0, parts
+    def __init__(self, t: Tensor, q0: Tensor, parts: dict[str, Tensor]):
+        self.t, self.q0, self.parts = t, q0, parts
+        self.example = torch.arange(t.numel()) // PILOT_SAMPLES
 
 
 class SDEELBO:
@@ -160,14 +162,15 @@ class SDEELBO:
             return
         sde = model.sde
         fitting = self.cfg.time_proposal == "fitted"
-        pilot_sampler = LikelihoodDensity() if fitting else self.base
-        draws = self.pilot(model, z_pilot[: self.cfg.pilot_examples], pilot_sampler, generator)
+        # Pilot times from the likelihood density, spread evenly over log t, so every bin gets draws;
+        # the fits reweight them to the proposal they are for.
+        draws = self.pilot(model, z_pilot[: self.cfg.pilot_examples], LikelihoodDensity(), generator)
         edges = log_time_edges(sde, self.cfg.proposal_bins)
-        self.fit_weights(sde, draws, edges, lambda t: pilot_sampler.density(sde, t).double())
+        self.fit_weights(sde, draws, edges, lambda t: self.base.density(sde, t).double())
         if fitting:
             for _ in range(2):  # the weights change the integrand, the proposal changes the best weights
-                self.proposal = FittedProposal(sde, edges, bin_masses(edges, draws.t, draws.q0,
-                                                                      self.pilot_integrand(draws)))
+                square = self.pilot_integrand(draws) ** 2
+                self.proposal = FittedProposal(sde, edges, bin_masses(edges, draws.t, draws.q0, square))
                 if not self.fits_weights:
                     break
                 self.fit_weights(sde, draws, edges, lambda t: self.proposal.density(sde, t).double())
@@ -178,12 +181,10 @@ class SDEELBO:
         for start in range(0, z.shape[0], self.cfg.batch_size):
             chunk = z[start: start + self.cfg.batch_size]
             t, q, parts = self.pilot_chunk(model, chunk, sampler, generator)
-            example = torch.arange(start, start + chunk.shape[0]).repeat_interleave(PILOT_SAMPLES)
             parts = {key: value.double().cpu() for key, value in parts.items()}
-            chunks.append((example, t.double().cpu(), q.double().cpu(), parts))
+            chunks.append((t.double().cpu(), q.double().cpu(), parts))
         return PilotDraws(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]),
-                          torch.cat([c[2] for c in chunks]),
-                          {k: torch.cat([c[3][k] for c in chunks]) for k in chunks[0][3]})
+                          {k: torch.cat([c[2][k] for c in chunks]) for k in chunks[0][2]})
 
     def pilot_chunk(self, model, z: Tensor, sampler: TimeSampler, generator) -> tuple[Tensor, Tensor, dict]:
         """(t, q, {"f": the integrand the estimate divides by q}) for PILOT_SAMPLES draws per example."""
@@ -206,7 +207,8 @@ class SDEELBO:
         """Use a fit made elsewhere (e.g. broadcast from rank 0) instead of calling ``prepare``."""
         if "proposal" in fitted:
             p = fitted["proposal"]
-            self.proposal = FittedProposal(sde, torch.tensor(p["edges"]), torch.tensor(p["mass"]), p["mix"])
+            edges, mass = (torch.tensor(p[key], dtype=torch.float64) for key in ("edges", "mass"))
+            self.proposal = FittedProposal(sde, edges, mass, p["mix"])
         self.fitted = fitted
 
 
@@ -281,7 +283,9 @@ class CombinedELBO(SDEELBO):
 
     def fit_weights(self, sde: SDE, draws: PilotDraws, edges: Tensor, density) -> None:
         """Weighted least squares for the variance under the proposal ``density`` (draws came from q₀):
-        minimise Σ (q/q₀)(A − β_b Δ/q − γ(D c/q − C))², each quantity centred per example."""
+        minimise Σ (q/q₀)(A − β_b Δ/q − γ(D c/q − C))², each quantity centred per example. The objective
+        is the variance for iid t; it is used for stratified t too (measured better than fitting the
+        variance given t, which only K → ∞ strata would leave)."""
         if not self.fits_weights:
             return
         p, q = draws.parts, density(draws.t)

@@ -114,9 +114,10 @@ def run_sweep(path: str | Path, runs_dir: str | Path | None = None, overrides: S
 def _run_variants(path, variants: list[Variant], runs_dir, ctx: DistContext) -> Path:
     from .trainer import train
 
-    runs_dir = Path(runs_dir or Path("runs") / read_yaml(path).get("name", Path(path).stem))
+    data = read_yaml(path)
+    runs_dir = Path(runs_dir or Path("runs") / data.get("name", Path(path).stem))
     if ctx.is_main:
-        write_plan(runs_dir, variants)
+        write_plan(runs_dir, variants, own_settings_variant(data, expand(data, str(path))))
     for v in variants:
         run_dir = runs_dir / v.name
         if finished(run_dir, v.exp.train.steps):
@@ -145,8 +146,26 @@ std(bpd_variant,i − bpd_base,i)/√n over common examples and random streams (
 validation bpd (1 = best), so a variant is chosen on val and reported on test."""
 
 
-def write_plan(runs_dir: Path, variants: Sequence[Variant]) -> Path:
-    plan = {"baseline": BASE, "variants": [{"name": v.name, "changes": v.changes} for v in variants]}
+def own_settings_variant(data: Mapping[str, Any], variants: Sequence[Variant]) -> str:
+    """The baseline: ``base`` when the experiment has one, else the variant whose grid point repeats the
+    file's own settings (``drift-vp`` for a file saying drift and vp), else the first variant."""
+    names = [v.name for v in variants]
+    if BASE in names:
+        return BASE
+    missing = object()
+
+    def lookup(dotted: str) -> Any:
+        node: Any = data
+        for part in dotted.split("."):
+            node = node.get(part, missing) if isinstance(node, Mapping) else missing
+        return node
+
+    own = [v.name for v in variants if v.changes and all(lookup(k) == value for k, value in v.changes.items())]
+    return own[0] if own else names[0]
+
+
+def write_plan(runs_dir: Path, variants: Sequence[Variant], baseline: str = BASE) -> Path:
+    plan = {"baseline": baseline, "variants": [{"name": v.name, "changes": v.changes} for v in variants]}
     path = Path(runs_dir) / PLAN_FILE
     if path.exists():  # a rerun with --only keeps the full plan's order, adding what is new
         old = json.loads(path.read_text())

@@ -104,14 +104,14 @@ def bin_index(edges: Tensor, t: Tensor) -> Tensor:
     return i.clamp(0, len(edges) - 2)
 
 
-def bin_masses(edges: Tensor, t: Tensor, q0: Tensor, f: Tensor) -> Tensor:
-    """Masses ∝ √(width_j · I_j), I_j = ∫_bin E f² dt ≈ mean over draws of 1_j f²/q₀: the best
-    piecewise-constant proposal for E[(f/q)²] (q_j ∝ √(I_j / width_j))."""
+def bin_masses(edges: Tensor, t: Tensor, q0: Tensor, square: Tensor) -> Tensor:
+    """Masses ∝ √(width_j · I_j), I_j = ∫_bin M dt ≈ mean over draws t ~ q₀ of 1_j square/q₀, where
+    ``square`` is an unbiased estimate of M(t) per draw (f² for E[f² | t]): the piecewise-constant
+    proposal minimising ∫ M/q (q_j ∝ √(I_j / width_j))."""
     bins = len(edges) - 1
     i = bin_index(edges, t).cpu()
-    second = torch.zeros(bins, dtype=torch.float64).index_add_(0, i, (f.double() ** 2 / q0.double()).cpu())
-    second = second / t.numel()
-    mass = (second * edges.diff()).sqrt()
+    second = torch.zeros(bins, dtype=torch.float64).index_add_(0, i, (square.double() / q0.double()).cpu())
+    mass = (second.clamp(min=0) / t.numel() * edges.diff()).sqrt()
     return mass / mass.sum() if float(mass.sum()) > 0 else edges.diff() / float(edges[-1])
 
 

@@ -25,7 +25,7 @@ from .checkpoint import (
     set_rng_state,
     write_text_atomic,
 )
-from .config import Experiment, load_experiment, plugin_versions, read_experiment_data
+from .config import Experiment, load_experiment, plugin_versions, read_experiment_data, structure
 from .data import train_batches
 from .distributed import DistContext, init_from_env, shutdown
 from .errors import SdeflowError
@@ -214,7 +214,10 @@ class Trainer:
         resume (seed, batch size, components) unless ``--allow-changes``."""
         run_dir, registry = self.run.run_dir, self.run.registry
         recorded = recorded_plugins(run_dir)
-        old = qualified_components(read_run_config(run_dir), registry, recorded)
+        old = read_run_config(run_dir)
+        with contextlib.suppress(SdeflowError):  # settings added since the run began take their defaults
+            old = structure(old, str(run_dir / CONFIG_FILE), registry, prefer=recorded).to_dict()
+        old = qualified_components(old, registry, recorded)
         new = qualified_components(self.exp.to_dict(), registry, recorded)
         changes = config_changes(old, new)
         for key, (before, after) in changes.items():
