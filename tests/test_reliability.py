@@ -120,11 +120,13 @@ def test_evaluation_records_are_keyed_and_kept_side_by_side(trained, capsys):
     assert len(keys) == 2  # the training run's K = 1 and the first eval share a key; K = 2 twice: one key
     settings = {saved["results"][k]["settings"]["samples_per_example"] for k in keys}
     assert settings == {1, 2}
-    latest = saved["test"]["elbo"]
-    assert latest["settings"]["samples_per_example"] == 2  # the latest full result is the headline
+    headline = saved["test"]["elbo"]
+    assert headline["settings"]["samples_per_example"] == 1  # the experiment's own K, not the ad-hoc K = 2
     values = per_example(run, "test", "elbo")
     assert values["index"].tolist() == list(range(16))
-    assert float(values["bpd"].mean()) == pytest.approx(latest["bpd"], rel=1e-12)
+    assert float(values["bpd"].mean()) == pytest.approx(headline["bpd"], rel=1e-12)
+    other = next(saved["results"][k] for k in keys if saved["results"][k]["settings"]["samples_per_example"] == 2)
+    assert not other["full"] and per_example(run, entry=other)["bpd"].shape == (16,)
 
 
 def test_a_nan_evaluation_is_an_error_and_is_not_recorded(trained, capsys, monkeypatch):
@@ -454,3 +456,42 @@ def test_a_name_clash_names_the_block_list_and_existing_runs_keep_their_plugin(t
         assert status == 0, (argv, err)
         assert "different sde" not in err
     assert yaml.safe_load((run / "config.yaml").read_text())["plugins"]["sde"]["plugin"] == "builtin-sdes"
+
+
+def test_a_change_without_any_checkpoint_is_announced_not_refused(tmp_path, capsys):
+    path = write_experiment(tmp_path, tiny_config(train={"checkpoint_every": 0}))
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", path, "--run-dir", run)[0] == 0
+    for name in ("last.pt", "previous.pt"):
+        (run / "checkpoints" / name).unlink(missing_ok=True)  # as if the first step had run out of memory
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.batch_size=16")
+    assert status == 0 and "train.batch_size changed on resume: 32 → 16" in err
+
+
+def test_sampling_and_data_location_settings_may_change_on_resume(trained, capsys):
+    path, run = trained
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.steps=6", "sampler.steps=4")
+    assert status == 0 and "sampler.steps changed on resume: 8 → 4" in err
+
+
+def test_a_finished_run_rerun_with_other_settings_records_no_history(trained, capsys):
+    path, run = trained
+    before = (run / "config.yaml").read_bytes()
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "eval.batch_size=32")
+    assert status == 0 and "nothing to do" in err
+    assert (run / "config.yaml").read_bytes() == before
+
+
+def test_an_eval_json_of_an_unknown_format_is_refused_not_wiped(trained, capsys):
+    _, run = trained
+    (run / "eval.json").write_text(json.dumps({"format": 3, "test": {}}))
+    status, _, err = run_cli(capsys, "eval", run)
+    assert_one_line_error(status, err, "eval.json format 3")
+    assert json.loads((run / "eval.json").read_text()) == {"format": 3, "test": {}}
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path, capsys):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    status, _, err = run_cli(capsys, "check", deep)
+    assert_one_line_error(status, err, str(deep), "nested too deeply")

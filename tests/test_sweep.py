@@ -13,7 +13,7 @@ from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, w
 from sdeflow.errors import ConfigError, SdeflowError
 from sdeflow.results import per_example
 from sdeflow.runlog import read_metrics
-from sdeflow.sweep import expand, prepare, run_sweep, write_summary
+from sdeflow.sweep import expand, own_settings_variant, prepare, run_sweep, write_summary
 
 SOURCE = "exp.yaml"
 
@@ -168,3 +168,15 @@ def test_summary_rows_follow_the_experiments_order(tmp_path):
                  {"name": "alpha", "set": {"parameterization.name": "noise"}}]
     runs = run_sweep(write_experiment(tmp_path, tiny_config(ablations=ablations)), tmp_path / "runs")
     assert [r["variant"] for r in write_summary(runs)] == ["base", "zeta", "alpha"]
+
+
+def test_a_grid_without_base_takes_the_variant_repeating_the_files_own_settings():
+    data = {"parameterization": {"name": "drift"}, "sde": {"name": "vp"},
+            "ablations": [{"name": "debiased", "set": {"time_sampler.name": "debiased"}}],
+            "sweep": {"parameterization.name": ["score", "drift"], "sde.name": ["subvp", "vp"]}}
+    variants = expand(data, SOURCE)
+    assert own_settings_variant(data, variants) == "drift-vp"
+    data["sde"] = {"name": "ve"}  # no grid point repeats the file: the first variant
+    assert own_settings_variant(data, variants) == "score-subvp"
+    assert own_settings_variant({"ablations": [{"name": "x", "set": {}}]}, expand({"ablations": [
+        {"name": "x", "set": {}}]}, SOURCE)) == "base"

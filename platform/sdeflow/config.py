@@ -166,7 +166,10 @@ def safe_load_capped(text: str, source: str, limit: int = MAX_YAML_NODES) -> Any
     bomb" of a kilobyte can expand to gigabytes when the config is copied or written back)."""
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}: YAML nested too deeply to read; an experiment is a few levels deep") from None
         if node is None:
             return None
         size = _expanded_size(node, {}, limit)

@@ -175,6 +175,7 @@ def eval_from_cli(args) -> int:
     entries = record(args.run_dir, results, step=run.step, seed=run.exp.seed)
     partial = [name for name, e in entries.items() if not e["full"]]
     if partial:
-        print(f"sdeflow: {', '.join(partial)}: {entries[partial[0]]['n']} examples, not the whole {args.split} "
-              f"split: recorded beside the full results in eval.json, not as its headline", file=sys.stderr)
+        n = entries[partial[0]]["n"]
+        print(f"sdeflow: {', '.join(partial)}: not the experiment's own evaluation settings ({n} {args.split} "
+              "examples): recorded beside the headline results in eval.json, not as its headline", file=sys.stderr)
     return 0

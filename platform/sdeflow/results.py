@@ -10,8 +10,8 @@ Format (``eval.json``, format 2)::
     }
 
 An ENTRY holds bpd, bpd_se, nats, nats_se, n, split, estimator, step, seed, the estimator's
-``settings``, ``full`` (whether it covers the experiment's evaluation set: the whole split, or the
-first ``eval.max_examples`` the experiment itself sets), ``key`` and ``per_example``: the path,
+``settings``, ``full`` (whether it is the experiment's own evaluation: its ``eval`` settings, on the
+whole split or the first ``eval.max_examples`` the experiment itself sets), ``key`` and ``per_example``: the path,
 relative to the run folder, of a CSV file ``evals/KEY.csv`` with one row per example and the columns
 ``index`` (position in the split), ``nats`` (−log p of the dequantized example in data space, or its
 ELBO bound) and ``bpd``. A notebook reads it with ``numpy.loadtxt(path, delimiter=",", skiprows=1)``
@@ -87,6 +87,9 @@ def read_eval(run_dir: str | Path) -> dict[str, Any]:
         raise SdeflowError(f"{path}: expected a JSON object, got {type(data).__name__}")
     if data.get("format") == FORMAT:
         return data
+    if "format" in data:
+        raise SdeflowError(f"{path}: eval.json format {data['format']!r}, but this sdeflow reads format "
+                           f"{FORMAT}; upgrade sdeflow or move the file aside")
     return _from_legacy(data)
 
 
@@ -95,7 +98,7 @@ def _from_legacy(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"format": FORMAT, "results": {}}
     for name, entry in data.items():
         if isinstance(entry, dict) and "bpd" in entry:
-            split, step = entry.get("split", "test"), int(entry.get("step", 0))
+            split, step = entry.get("split", "test"), int(entry.get("step") or 0)
             key = f"{split}.{name}.legacy.step{step}"
             out["results"][key] = {**entry, "estimator": name, "split": split, "step": step, "key": key,
                                    "full": True, "settings": {}}

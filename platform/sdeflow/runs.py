@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import math
 import os
 import socket
 import time
@@ -43,6 +42,13 @@ class RunBusy(SdeflowError):
     """Another process is writing this run folder."""
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 class RunLock:
     """An exclusive OS lock (``flock``) on ``RUN/.lock``, held by the one process that writes the run.
 
@@ -66,6 +72,9 @@ class RunLock:
             os.close(fd)
             raise RunBusy(f"{self.path.parent}: in use by {holder}; wait for it to finish or use "
                           "another --run-dir") from None
+        if os.fstat(fd).st_ino != _inode(self.path):  # the folder was moved aside (--restart) meanwhile
+            os.close(fd)
+            return self.acquire()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         try:
             os.ftruncate(fd, 0)
@@ -123,11 +132,12 @@ class Run:
         results = evaluate(self.ema, self.data, estimators, batch_size=batch_size, seed=self.exp.seed,
                            device=self.device, ctx=self.ctx, split=split, max_examples=max_examples,
                            pilot_examples=cfg.pilot_examples)
-        # The headline protocol is the experiment's own evaluation: the whole split, or its first
-        # eval.max_examples; a smaller --max-examples result is kept beside it, never in its place.
-        protocol = cfg.max_examples or math.inf
+        # The headline is the experiment's own evaluation (its eval settings: examples, K, time sampler,
+        # batches); a result with other settings (--max-examples 200) is kept beside it, never in its place.
+        own = (max_examples == cfg.max_examples and batch_size == cfg.batch_size
+               and samples in (None, cfg.samples_per_example) and time_sampler in (None, cfg.time_sampler))
         for name, result in results.items():
-            result["full"] = result["full"] or result["n"] >= protocol and max_examples == cfg.max_examples
+            result["full"] = own
             result["protocol"] = {"weights": "ema", **self.data.transform.protocol(),
                                   "se": "std of per-example bpd / sqrt(n)"}
             estimate = estimators.get(name)
@@ -284,6 +294,8 @@ def restore(run_dir: Path, apply: Callable[[dict[str, Any]], None], notice: Call
 
 REFUSED = ("seed", "train.batch_size")
 """Settings whose change on resume breaks exact resume (besides any component's), refused unless allowed."""
+HARMLESS = ("sampler.", "data.root", "data.download")
+"""Component settings that do not touch training: how samples are drawn, where the data lies."""
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -311,6 +323,8 @@ def qualified_components(config: Mapping[str, Any], registry: Registry, prefer: 
 
 
 def breaks_exact_resume(key: str, components: Mapping[str, Any]) -> bool:
+    if key.startswith(HARMLESS):
+        return False
     return key in REFUSED or key.split(".", 1)[0] in components
 
 

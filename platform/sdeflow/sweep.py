@@ -180,7 +180,11 @@ def read_plan(runs_dir: Path) -> dict[str, Any]:
     the changes recovered from their config.yaml files."""
     path = runs_dir / PLAN_FILE
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SdeflowError(f"{path}: not valid JSON ({e.msg}); delete it to summarise from the runs' "
+                               "configs") from None
     changes = _changes_from_configs(runs_dir)
     names = sorted(changes, key=lambda n: (n != BASE, n))
     return {"baseline": BASE if BASE in changes else None,
@@ -216,7 +220,7 @@ def paired_difference(run_a: Path, entry_a: Mapping[str, Any], run_b: Path, entr
         return None
     try:
         a, b = per_example(run_a, entry=entry_a), per_example(run_b, entry=entry_b)
-    except SdeflowError:
+    except (SdeflowError, ValueError, IndexError):  # a missing or damaged record: no paired s.e.
         return None
     common, ia, ib = _intersect(a["index"], b["index"])
     if common == 0:
@@ -269,7 +273,8 @@ def _deltas(runs_dir: Path, row: dict[str, Any], base: dict[str, Any], split: st
     row[keys[2]] = math.sqrt(row[f"{split}_bpd_se"] ** 2 + base[f"{split}_bpd_se"] ** 2)
     if row is base:
         row[keys[0]], row[keys[1]], row[keys[2]] = 0.0, 0.0, 0.0
-        row.setdefault("paired_n", row[f"_{split}_entry"].get("n"))
+        if split == "test":
+            row["paired_n"] = row[f"_{split}_entry"].get("n")
         return
     paired = paired_difference(runs_dir / row["variant"], row[f"_{split}_entry"],
                                runs_dir / base["variant"], base[f"_{split}_entry"])

@@ -8,7 +8,7 @@ CPU), and ranks draw different noise while holding identical weights.
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +23,7 @@ from .checkpoint import (
     rng_state,
     save_atomic,
     set_rng_state,
+    write_error,
     write_text_atomic,
 )
 from .config import Experiment, load_experiment, plugin_versions, read_experiment_data, structure
@@ -36,6 +37,7 @@ from .results import headline, record
 from .runlog import RunLog, flatten, truncate_metrics
 from .runs import (
     CONFIG_FILE,
+    LAST,
     LOCK_FILE,
     PREVIOUS,
     Run,
@@ -106,7 +108,13 @@ class Trainer:
         self.allow_changes, self.reevaluate = allow_changes, reevaluate
         self.lock = RunLock(run.run_dir)
         self.log: RunLog | None = None
-        self._check_memory()  # before anything is written
+        problem = None
+        try:
+            self._check_memory()  # before anything is written
+        except SdeflowError as e:
+            problem = e
+        if self.ctx.any(problem is not None):  # ranks see different free memory: all stop together
+            raise problem or SdeflowError(f"{run.exp.source}: a batch does not fit on another rank's device")
         try:
             self._prepare_folder(restart)
         except BaseException:
@@ -176,13 +184,15 @@ class Trainer:
                 self._take_folder(restart)
             except SdeflowError as e:
                 problem = e
+            except OSError as e:
+                problem = write_error(run_dir, e)
         if self.ctx.any(problem is not None):  # every rank stops, not just the one that found out
             raise problem or SdeflowError(f"{run_dir}: rank 0 could not take the run folder")
         changes = self._check_changes() if (run_dir / CONFIG_FILE).exists() else {}
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device.
         restore(run_dir, self._resume, notice if self.ctx.is_main else _quiet, set_aside=self.ctx.is_main)
         self.ctx.barrier()  # every rank has read the old config and checkpoint before rank 0 replaces them
-        if self.ctx.is_main:
+        if self.ctx.is_main and not self.nothing_to_do():
             run_dir.mkdir(parents=True, exist_ok=True)
             truncate_metrics(run_dir, self.step)  # records after the checkpoint belong to lost work
             plugins = plugin_versions(self.run.registry, self.exp)
@@ -201,12 +211,12 @@ class Trainer:
             n = 1
             while backup.exists():  # two restarts within one second
                 backup, n = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}"), n + 1
-            shutil.move(str(run_dir), backup)  # the lock file moves with it, still held
-            self.lock.release()
+            old_lock, self.lock = self.lock, RunLock(run_dir)
+            os.rename(run_dir, backup)  # the held lock file moves with it; a rename never copies
+            self.lock.acquire()  # the new folder's lock before the old one is let go
+            old_lock.release()
             notice(f"--restart: moved the previous run to {backup}")
-            self.lock = RunLock(run_dir)
-            self.lock.acquire()
-        for tmp in remove_stale_temporaries(run_dir):
+        for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
             notice(f"removed {tmp}, left by a writer that was killed mid-write")
 
     def _check_changes(self) -> dict[str, tuple[Any, Any]]:
@@ -220,13 +230,17 @@ class Trainer:
         old = qualified_components(old, registry, recorded)
         new = qualified_components(self.exp.to_dict(), registry, recorded)
         changes = config_changes(old, new)
+        # With no checkpoint nothing trained survives, so nothing can break: announce, don't refuse.
+        strict = not self.allow_changes and any((run_dir / p).exists() for p in (LAST, PREVIOUS))
         for key, (before, after) in changes.items():
             kind = key.split(".", 1)[0]
-            if not self.allow_changes and kind in self.exp.components:
+            if not breaks_exact_resume(key, self.exp.components):
+                continue
+            if strict and kind in self.exp.components:
                 raise SdeflowError(
                     f"{run_dir}: holds a run with a different {kind} ({old.get(kind)} vs {new.get(kind)}); "
                     "use --restart or another --run-dir (or --allow-changes to load its weights anyway)")
-            if not self.allow_changes and breaks_exact_resume(key, self.exp.components):
+            if strict:
                 raise SdeflowError(
                     f"{run_dir}: {key} changed on resume ({before} → {after}), which breaks exact resume; "
                     "use --allow-changes to go on anyway, --restart to start afresh, or another --run-dir")
@@ -322,14 +336,12 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         cfg, run = self.exp.train, self.run
+        if self.nothing_to_do():
+            if self.ctx.is_main:
+                notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps}) and "
+                       "evaluated; nothing to do (--reevaluate evaluates it again)")
+            return {split: headline(run.run_dir, split) for split in self.final_splits()}
         if self.step >= cfg.steps:
-            done = {split: headline(run.run_dir, split) for split in self.final_splits()}
-            if all(entries and min(e["step"] for e in entries.values()) >= self.step for entries in done.values()) \
-                    and not self.reevaluate:
-                if self.ctx.is_main:
-                    notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps}) and "
-                           "evaluated; nothing to do (--reevaluate evaluates it again)")
-                return done
             if self.ctx.is_main:
                 notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps})")
             self.log = self._open_log() if self.ctx.is_main else None
@@ -393,6 +405,13 @@ class Trainer:
         if self._due(cfg.checkpoint_every):
             self.save()
 
+    def nothing_to_do(self) -> bool:
+        """Trained to train.steps and evaluated on every final split at that step (and not asked again)."""
+        if self.reevaluate or self.step < self.exp.train.steps:
+            return False
+        done = [headline(self.run.run_dir, split) for split in self.final_splits()]
+        return all(entries and min(e["step"] for e in entries.values()) >= self.step for entries in done)
+
     def final_splits(self) -> list[str]:
         """The splits the final evaluation covers: val (when the data has one) and test."""
         return (["val"] if self.run.data.val is not None else []) + ["test"]
@@ -427,12 +446,14 @@ class Trainer:
         """Save, evaluate every final split, sample; results are recorded in eval.json (by split)."""
         if trained:
             self.save()
-        results = {split: self.evaluate(split) for split in self.final_splits()}
+        results = {}
+        for split in self.final_splits():  # each split recorded as soon as it is done
+            results[split] = self.evaluate(split)
+            if self.ctx.is_main:
+                record(self.run.run_dir, results[split], step=self.step, seed=self.exp.seed)
+                print(f"{split}:\n{format_results(results[split], self.run.data.kind)}")
         self.samples()
         if self.ctx.is_main:
-            for split, by_estimator in results.items():
-                record(self.run.run_dir, by_estimator, step=self.step, seed=self.exp.seed)
-                print(f"{split}:\n{format_results(by_estimator, self.run.data.kind)}")
             if self.log:
                 main = results["test"].get("elbo", {})
                 self.log.hparams(flatten({k: v for k, v in self.exp.to_dict().items()
