@@ -230,13 +230,13 @@ class Trainer:
         old = qualified_components(old, registry, recorded)
         new = qualified_components(self.exp.to_dict(), registry, recorded)
         changes = config_changes(old, new)
-        # With no checkpoint nothing trained survives, so nothing can break: announce, don't refuse.
+        # With no checkpoint nothing trained survives: a new seed or batch size breaks nothing.
         strict = not self.allow_changes and any((run_dir / p).exists() for p in (LAST, PREVIOUS))
         for key, (before, after) in changes.items():
             kind = key.split(".", 1)[0]
             if not breaks_exact_resume(key, self.exp.components):
                 continue
-            if strict and kind in self.exp.components:
+            if not self.allow_changes and kind in self.exp.components:  # another experiment: refused always
                 raise SdeflowError(
                     f"{run_dir}: holds a run with a different {kind} ({old.get(kind)} vs {new.get(kind)}); "
                     "use --restart or another --run-dir (or --allow-changes to load its weights anyway)")
