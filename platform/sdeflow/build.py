@@ -50,6 +50,9 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
     for key in ("log_every", "eval_every", "sample_every", "checkpoint_every", "num_workers"):
         if getattr(t, key) < 0:
             raise ConfigError(f"{exp.source}: train.{key}: must be 0 (never) or positive, got {getattr(t, key)}")
+    if t.checkpoint_minutes < 0:
+        raise ConfigError(f"{exp.source}: train.checkpoint_minutes: must be 0 (only by steps) or positive, "
+                          f"got {t.checkpoint_minutes}")
     if t.grad_clip is not None and not t.grad_clip > 0:
         raise ConfigError(f"{exp.source}: train.grad_clip: must be positive (the largest gradient norm) or null, "
                           f"got {t.grad_clip}")

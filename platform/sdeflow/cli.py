@@ -1,6 +1,7 @@
 """The ``sdeflow`` command line: plugins, components, check, train, eval, sample, sweep.
 
-User errors print one line to stderr and exit with status 2 (``--debug`` shows the traceback).
+User errors print one line to stderr and exit with status 2 (``--debug`` shows the traceback); a run
+stopped by a signal after saving its checkpoint exits with status 75 (``preemption.EXIT_PREEMPTED``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from . import __version__
 from .allocator import keep_freed_memory
 from .errors import ConfigError, SdeflowError, did_you_mean
 from .hookspecs import KINDS
+from .preemption import Stopped
 from .registry import default_registry, plugin_components
 
 EXIT_USER_ERROR = 2
@@ -178,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated variant names")
     p.add_argument("--summary", metavar="DIR", help="only rebuild the summary of a runs folder")
     p.add_argument("--baseline", metavar="NAME", help="the variant deltas are taken to (default: base)")
+    p.add_argument("--launcher", choices=["sequential", "local", "slurm"],
+                   help="where the variants run (default: the file's launcher section, else sequential)")
+    p.add_argument("--jobs", type=positive_int, metavar="N", help="variants at once (local, slurm)")
+    p.add_argument("--status", metavar="DIR", help="print each variant's state in a sweep's runs folder")
     p.set_defaults(func=cmd_sweep)
     return parser
 
@@ -203,11 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.debug:
                 warnings.simplefilter("ignore", UserWarning)  # skipped plugins are reported by `plugins`
             return args.func(args)
+    except Stopped as e:  # not an error: the work is saved and resumes when run again
+        print(f"sdeflow: {e}", file=sys.stderr)
+        return e.exit_code
     except SdeflowError as e:
         if args.debug:
             raise
         print(f"sdeflow: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(e, "exit_code", EXIT_USER_ERROR)
     except OSError as e:  # a full disk, a read-only folder: the environment's, not a bug
         if args.debug:
             raise

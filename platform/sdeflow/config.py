@@ -33,6 +33,7 @@ class TrainConfig:
     eval_every: int = 0
     sample_every: int = 0
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 0.0  # also checkpoint after this much wall time (0: only by steps)
     compile: bool = False
     channels_last: bool = False
     num_workers: int = 0
@@ -88,6 +89,7 @@ TOP_LEVEL = {
     "precision": Literal["fp32", "bf16"],
     "ablations": list,
     "sweep": dict,
+    "launcher": dict,  # where a sweep's variants run: sdeflow.launchers.read_launcher checks it
 }
 
 
@@ -106,6 +108,7 @@ class Experiment:
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
     ablations: list = attrs.Factory(list)
     sweep: dict = attrs.Factory(dict)
+    launcher: dict = attrs.Factory(dict)
     source: str = "<config>"
 
     def args(self, kind: str) -> dict[str, Any]:
@@ -121,6 +124,8 @@ class Experiment:
             out["ablations"] = _plain(self.ablations)
         if self.sweep:
             out["sweep"] = _plain(self.sweep)
+        if self.launcher:
+            out["launcher"] = _plain(self.launcher)
         return out
 
 
@@ -259,7 +264,7 @@ def structure(
                               f"accepted: {', '.join(sorted(known))}")
     top = {key: _check_value(source, key, data[key], kind) for key, kind in TOP_LEVEL.items() if key in data}
     top.setdefault("name", default_name)
-    sections = {key: _structure_section(data.get(key), cls, source, key) for key, cls in SECTIONS.items()}
+    sections = {key: structure_section(data.get(key), cls, source, key) for key, cls in SECTIONS.items()}
     prefer = prefer or {}
     components = {kind: check_component(registry, kind, data.get(kind), source, prefer.get(kind))
                   for kind in COMPONENT_DEFAULTS}
@@ -273,7 +278,7 @@ def _check_value(source: str, key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{source}: {key}: expected {e.expected}, got {value!r}") from None
 
 
-def _structure_section(value: Any, cls: type, source: str, key: str) -> Any:
+def structure_section(value: Any, cls: type, source: str, key: str) -> Any:
     if value is None:
         return cls()
     if not isinstance(value, Mapping):

@@ -66,6 +66,14 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def any_of(self, *flags: bool) -> list[bool]:
+        """For each flag, :meth:`any` of it, in one all-reduce."""
+        if not self.active:
+            return [bool(f) for f in flags]
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
 
 def init_from_env(device: torch.device) -> DistContext:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), NCCL on CUDA else gloo."""

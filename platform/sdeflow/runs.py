@@ -300,7 +300,7 @@ HARMLESS = ("sampler.", "data.root", "data.download")
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every setting that differs (ablations and sweep grids excluded)."""
-    skip = ("ablations", "sweep")
+    skip = ("ablations", "sweep", "launcher")
     a = flatten({k: v for k, v in old.items() if k not in skip})
     b = flatten({k: v for k, v in new.items() if k not in skip})
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

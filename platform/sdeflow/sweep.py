@@ -6,6 +6,7 @@ grid values, and the command line's ``key=value`` overrides (the user's last wor
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -22,6 +23,7 @@ from .checkpoint import write_text_atomic
 from .config import Experiment, apply_overrides, parse_override, read_yaml, structure
 from .distributed import DistContext, init_from_env, shutdown
 from .errors import ConfigError, SdeflowError
+from .preemption import Stopped
 from .registry import Registry, default_registry
 from .results import headline, per_example
 from .runlog import read_metrics
@@ -81,7 +83,7 @@ def prepare(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str]
             raise ConfigError(f"--only: unknown variant(s) {', '.join(sorted(unknown))}; "
                               f"variants: {', '.join(v.name for v in variants)}")
         variants = [v for v in variants if v.name in only]
-    base = {k: v for k, v in data.items() if k not in ("ablations", "sweep")}
+    base = {k: v for k, v in data.items() if k not in ("ablations", "sweep", "launcher")}
     for v in variants:
         source = f"{path} [variant '{v.name}']"
         config = apply_overrides(base, {**v.changes, **cli}, source)
@@ -100,35 +102,64 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 
 def run_sweep(path: str | Path, runs_dir: str | Path | None = None, overrides: Sequence[str] = (),
-              only: Sequence[str] | None = None) -> Path:
-    """Check every variant, then run them in turn (under torchrun each one is distributed), then
-    write the summary."""
+              only: Sequence[str] | None = None, launcher: str | None = None, jobs: int | None = None) -> Path:
+    """Check every variant, run the unfinished ones with the launcher (the YAML's ``launcher:`` section,
+    or ``launcher``/``jobs``), then write the summary. Under torchrun the sequential launcher runs each
+    variant distributed. A failed variant does not stop the others (:class:`VariantsFailed` at the end);
+    a stop signal does (:class:`SweepStopped`, after every running variant saved)."""
+    from .launchers import read_launcher
+
+    data = read_yaml(path)
+    cfg = read_launcher(data, str(path), launcher, jobs)
     variants = prepare(path, overrides, only)
+    runs_dir = Path(runs_dir or Path("runs") / data.get("name", Path(path).stem))
     ctx = init_from_env(resolve_device(variants[0].exp.device, variants[0].exp.source))
+    if ctx.active and cfg.name != "sequential":
+        shutdown(ctx)
+        raise ConfigError(f"{path}: launcher.name: the {cfg.name} launcher starts the distributed jobs itself; "
+                          "run the sweep in one process, not under torchrun")
     try:
-        return _run_variants(path, variants, runs_dir, ctx)
+        return _run_variants(data, str(path), variants, runs_dir, cfg, ctx)
     finally:
         shutdown(ctx)
 
 
-def _run_variants(path, variants: list[Variant], runs_dir, ctx: DistContext) -> Path:
-    from .trainer import train
+class SweepStopped(Stopped):
+    """A stop signal ended the sweep; every variant it was running saved a checkpoint."""
 
-    data = read_yaml(path)
-    runs_dir = Path(runs_dir or Path("runs") / data.get("name", Path(path).stem))
+
+class VariantsFailed(SdeflowError):
+    """Some variants failed; the others ran and are summarised."""
+
+    exit_code = 1
+
+
+def _run_variants(data, source: str, variants: list[Variant], runs_dir: Path, cfg, ctx: DistContext) -> Path:
+    from .launchers import VariantJob, launch
+
     if ctx.is_main:
-        write_plan(runs_dir, variants, own_settings_variant(data, expand(data, str(path))))
+        write_plan(runs_dir, variants, own_settings_variant(data, expand(data, source)))
+    jobs = []
     for v in variants:
         run_dir = runs_dir / v.name
         if finished(run_dir, v.exp.train.steps):
             if ctx.is_main:
                 print(f"sdeflow: variant '{v.name}' already finished in {run_dir}; skipping")
             continue
-        if ctx.is_main:
-            print(f"sdeflow: variant '{v.name}' → {run_dir}")
-        train(v.exp, run_dir, ctx=ctx)
-    if ctx.is_main:
+        jobs.append(VariantJob(v.name, v.exp.to_dict(), v.exp.source, str(run_dir)))
+    outcomes = launch(cfg, jobs, runs_dir, ctx)
+    if not ctx.is_main or any(o["state"] == "submitted" for o in outcomes):
+        return runs_dir
+    if any((runs_dir / v.name / "metrics.jsonl").exists() for v in variants):
         write_summary(runs_dir)
+    failed = [o for o in outcomes if o["state"] == "failed"]
+    stopped = [o["variant"] for o in outcomes if o["state"] == "stopped"]
+    if stopped:
+        raise SweepStopped(f"sweep stopped by a signal; saved mid-run: {', '.join(stopped)}; run the same "
+                           f"command again to resume (sdeflow sweep --status {runs_dir})")
+    if failed:
+        raise VariantsFailed(f"{len(failed)} variant(s) failed: " + "; ".join(
+            f"{o['variant']}: {o.get('message', '')}" for o in failed) + f" (the others are in {runs_dir})")
     return runs_dir
 
 
@@ -306,9 +337,14 @@ def write_summary(runs_dir: str | Path, baseline: str | None = None) -> list[dic
     note = (f"\nDeltas are to '{base}' on the same examples with the same random streams; paired s.e. = "
             "std of per-example differences / √n, indep. = √(se² + se_base²). val_rank ranks by "
             "validation bpd; report the test columns of the variant chosen on val.\n")
+    unfinished = [f"{name} ({state})" for name, state in status_rows(runs_dir) if state != "done"]
+    if unfinished:
+        note += f"\nNot finished (their rows, if any, are partial): {', '.join(unfinished)}.\n"
     write_text_atomic(runs_dir / "summary.md", "\n".join(lines) + "\n" + note)
     plot_bpd(runs_dir, rows)
     print("\n".join(lines))
+    if unfinished:
+        print(f"not finished: {', '.join(unfinished)}")
     return rows
 
 
@@ -362,7 +398,29 @@ def plot_bpd(runs_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path | None:
     return save_figure(fig, runs_dir / "bpd.png")
 
 
+def status_rows(runs_dir: Path) -> list[tuple[str, str]]:
+    """(variant, state) for every variant of the sweep's plan, in its order."""
+    from .launchers import variant_state
+
+    rows = []
+    for v in read_plan(runs_dir)["variants"]:
+        run_dir = runs_dir / v["name"]
+        steps = None
+        if (run_dir / "config.yaml").exists():
+            with contextlib.suppress(SdeflowError):
+                steps = (read_yaml(run_dir / "config.yaml").get("train") or {}).get("steps")
+        rows.append((v["name"], variant_state(run_dir, steps, bool(steps) and finished(run_dir, steps))))
+    return rows
+
+
 def sweep_from_cli(args) -> int:
+    if args.status:
+        if not Path(args.status).is_dir():
+            raise SdeflowError(f"--status: {args.status} is not a folder of sweep runs")
+        rows = status_rows(Path(args.status))
+        width = max(len(n) for n, _ in rows) if rows else 0
+        print("\n".join(f"{name:<{width}}  {state}" for name, state in rows))
+        return 0
     if args.summary:
         if not Path(args.summary).is_dir():
             raise SdeflowError(f"--summary: {args.summary} is not a folder of sweep runs")
@@ -371,5 +429,5 @@ def sweep_from_cli(args) -> int:
     if not args.experiment:
         raise ConfigError("sweep: give an experiment file, or --summary DIR")
     only = [n.strip() for n in args.only.split(",")] if args.only else None
-    run_sweep(args.experiment, args.runs_dir, args.overrides, only)
+    run_sweep(args.experiment, args.runs_dir, args.overrides, only, launcher=args.launcher, jobs=args.jobs)
     return 0

@@ -33,6 +33,7 @@ from .errors import SdeflowError
 from .evaluate import format_results
 from .figures import image_for_tensorboard
 from .memory import bytes_per_example, check_batch_fits
+from .preemption import STOP_SIGNALS, Preempted, StopRequests, Timer
 from .results import headline, record
 from .runlog import RunLog, flatten, truncate_metrics
 from .runs import (
@@ -58,6 +59,28 @@ from .runs import (
 
 class TrainingDiverged(SdeflowError):
     """The loss became NaN or infinite."""
+
+
+AGREE_EVERY = 10
+"""Under DDP, ranks agree on stopping (or a timed checkpoint) every this many steps."""
+
+
+class Window:
+    """The training losses and seconds since the last log line."""
+
+    def __init__(self, zero: torch.Tensor):
+        self.loss, self.steps, self.seconds = zero, 0, 0.0
+
+    def add(self, loss: torch.Tensor, seconds: float) -> None:
+        self.loss = self.loss + loss
+        self.steps += 1
+        self.seconds += seconds
+
+    def mean(self) -> torch.Tensor:
+        return self.loss / self.steps
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.seconds = torch.zeros_like(self.loss), 0, 0.0
 
 
 def notice(message: str) -> None:
@@ -106,6 +129,9 @@ class Trainer:
         self.raw_network = run.model.parameterization.network
         self.autocast = self._autocast()
         self.allow_changes, self.reevaluate = allow_changes, reevaluate
+        self.stop = StopRequests(notice if self.ctx.is_main else _quiet)
+        self.save_timer = Timer(self.exp.train.checkpoint_minutes)
+        self.saved_step: int | None = None
         self.lock = RunLock(run.run_dir)
         self.log: RunLog | None = None
         problem = None
@@ -289,6 +315,8 @@ class Trainer:
         if self.ctx.is_main:
             save_atomic(self.state_dict(), self.run.checkpoint_path, keep_previous=self.run.run_dir / PREVIOUS)
         self.ctx.barrier()
+        self.saved_step = self.step
+        self.save_timer.reset()
 
     # ------------------------------------------------------------------ the loop
 
@@ -341,46 +369,74 @@ class Trainer:
                 notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps}) and "
                        "evaluated; nothing to do (--reevaluate evaluates it again)")
             return {split: headline(run.run_dir, split) for split in self.final_splits()}
-        if self.step >= cfg.steps:
-            if self.ctx.is_main:
-                notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps})")
-            self.log = self._open_log() if self.ctx.is_main else None
-            return self.finish(trained=False)
         self.log = self._open_log() if self.ctx.is_main else None
+        with self.stop:
+            if self.step >= cfg.steps:
+                if self.ctx.is_main:
+                    notice(f"{run.run_dir} is already trained to step {self.step} (train.steps={cfg.steps})")
+                return self.finish(trained=False)
+            self.loop()
+            return self.finish(trained=True)
+
+    def loop(self) -> None:
+        """Steps until ``train.steps``, with the periodic logs, evaluations, samples and checkpoints; a
+        stop signal ends it after the step in progress, with a checkpoint (:class:`Preempted`)."""
+        cfg, run = self.exp.train, self.run
         batches = train_batches(run.data.train, cfg.batch_size, self.exp.seed, self.step, cfg.steps,
                                 shuffle=run.data.train_shuffle, shard=self.ctx.shard,
                                 num_workers=cfg.num_workers)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.ctx.is_main and self.exp.logging.progress),
                    dynamic_ncols=True, desc=self.exp.name)
         run.model.train()
-        window_loss, window_start, window_steps = torch.zeros((), device=run.device), time.perf_counter(), 0
+        self.window = Window(torch.zeros((), device=run.device))
         step = self.first_step
-        for x in batches:
-            torch.manual_seed(step_seed(self.exp.seed, self.ctx.rank, self.step))
-            loss = step(x.to(run.device, non_blocking=True))
-            step = self.train_step
-            window_loss += loss
-            self.step += 1
-            window_steps += 1
-            bar.update(1)
-            if self._due(cfg.log_every) or self._due(cfg.checkpoint_every) or self._due(cfg.eval_every):
-                mean = self._check_finite(window_loss / window_steps)
-                seconds = time.perf_counter() - window_start
-                rate = window_steps / seconds
-                self.elapsed += seconds
-                bar.set_postfix(loss=f"{mean:.4g}", it_s=f"{rate:.1f}")
-                if self._due(cfg.log_every) and self.log:
-                    self.log.log(self.step, loss=mean, lr=self.optimizer.param_groups[0]["lr"], it_per_s=rate,
-                                 elapsed_s=round(self.elapsed, 3))
-                window_loss.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            paused = time.perf_counter()
-            self.periodic()
-            window_start += time.perf_counter() - paused  # evaluation and saving are not training time
-        bar.close()
-        if window_steps:
-            self._check_finite(window_loss / window_steps)
-        return self.finish(trained=True)
+        tick = time.perf_counter()
+        try:
+            for x in batches:
+                torch.manual_seed(step_seed(self.exp.seed, self.ctx.rank, self.step))
+                loss = step(x.to(run.device, non_blocking=True))
+                step = self.train_step
+                self.step += 1
+                now = time.perf_counter()
+                self.window.add(loss, now - tick)
+                self.elapsed += now - tick
+                bar.update(1)
+                if self._due(cfg.log_every) or self._due(cfg.checkpoint_every) or self._due(cfg.eval_every):
+                    self._log_window(bar)
+                self.periodic()  # evaluation and saving are not training time
+                self._check_stop()
+                tick = time.perf_counter()
+        finally:
+            bar.close()
+        if self.window.steps:
+            self._check_finite(self.window.mean())
+
+    def _log_window(self, bar) -> None:
+        mean = self._check_finite(self.window.mean())
+        rate = self.window.steps / max(self.window.seconds, 1e-9)
+        bar.set_postfix(loss=f"{mean:.4g}", it_s=f"{rate:.1f}")
+        if self._due(self.exp.train.log_every) and self.log:
+            self.log.log(self.step, loss=mean, lr=self.optimizer.param_groups[0]["lr"], it_per_s=rate,
+                         elapsed_s=round(self.elapsed, 3))
+        self.window.reset()
+
+    def _check_stop(self) -> None:
+        """After a step: a checkpoint when ``train.checkpoint_minutes`` have passed since the last one,
+        and on a stop signal (on any rank) a checkpoint and :class:`Preempted`. Under DDP the ranks agree
+        every few steps (one small all-reduce), so they stop at the same step."""
+        if self.ctx.active and self.step % AGREE_EVERY and self.step != self.exp.train.steps:
+            return
+        stop, save = self.ctx.any_of(self.stop.requested, self.save_timer.due)
+        if not (stop or save) or self.step == self.exp.train.steps:  # the final step saves anyway
+            if stop:
+                self.stop.signum = self.stop.signum or STOP_SIGNALS[0]
+            return
+        if self.window.steps:
+            self._check_finite(self.window.mean())  # never checkpoint a diverged model
+        if self.saved_step != self.step:
+            self.save()
+        if stop:
+            raise Preempted(self.stop.signum or STOP_SIGNALS[0], self.step, str(self.run.checkpoint_path))
 
     def _due(self, every: int) -> bool:
         return bool(every) and (self.step % every == 0 or self.step == self.exp.train.steps)
@@ -448,6 +504,8 @@ class Trainer:
             self.save()
         results = {}
         for split in self.final_splits():  # each split recorded as soon as it is done
+            if self.ctx.any(self.stop.requested):  # trained and saved: a rerun only evaluates
+                raise Preempted(self.stop.signum or STOP_SIGNALS[0], self.step, str(self.run.checkpoint_path))
             results[split] = self.evaluate(split)
             if self.ctx.is_main:
                 record(self.run.run_dir, results[split], step=self.step, seed=self.exp.seed)
@@ -457,7 +515,7 @@ class Trainer:
             if self.log:
                 main = results["test"].get("elbo", {})
                 self.log.hparams(flatten({k: v for k, v in self.exp.to_dict().items()
-                                          if k not in ("ablations", "sweep")}),
+                                          if k not in ("ablations", "sweep", "launcher")}),
                                  {"bpd": main.get("bpd", float("nan")), "bpd_se": main.get("bpd_se", float("nan"))})
         return results
 
