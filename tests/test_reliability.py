@@ -495,3 +495,23 @@ def test_deeply_nested_yaml_is_one_line(tmp_path, capsys):
     deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
     status, _, err = run_cli(capsys, "check", deep)
     assert_one_line_error(status, err, str(deep), "nested too deeply")
+
+
+def test_three_estimators_on_the_val_split_write_three_per_example_records(trained, capsys):
+    """README's line `sdeflow eval RUN --estimator elbo,dsm_elbo,ode --split val`: one result and one
+    per-example file per estimator, on the same val examples, each a mean of its own file."""
+    _, run = trained
+    status, out, err = run_cli(capsys, "eval", run, "--estimator", "elbo,dsm_elbo,ode", "--split", "val")
+    assert status == 0, err
+    saved = json.loads((run / "eval.json").read_text())
+    fresh = {name: saved["val"][name] for name in ("elbo", "dsm_elbo", "ode")}
+    assert set(fresh) == {"elbo", "dsm_elbo", "ode"}
+    files = {e["per_example"] for e in fresh.values()}
+    assert len(files) == 3
+    for name, entry in fresh.items():
+        values = per_example(run, entry=entry)
+        assert entry["split"] == "val" and entry["full"], name
+        assert values["index"].tolist() == list(range(16)), name
+        assert torch.isfinite(values["bpd"]).all(), name
+        assert float(values["bpd"].mean()) == pytest.approx(entry["bpd"], rel=1e-9), name
+        assert name in out
