@@ -2,10 +2,14 @@
 
 The kernel defines the kinds of components (hook specs and interfaces), the registry that finds them
 through entry points, the experiment config, and the trainer, evaluation and CLI that compose them.
+
+From Python (a notebook, a script), the API is :func:`experiment`, :func:`component`, :func:`train`,
+:func:`open_run` and the :class:`Run` they give (see README, "Python").
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .api import Run, component, experiment, open_run, train
 from .hookspecs import hookimpl
 from .interfaces import (
     SDE,
@@ -31,8 +35,13 @@ __all__ = [
     "DiffusionModel",
     "Loss",
     "Parameterization",
+    "Run",
     "Sampler",
     "TimeDensity",
     "TimeSampler",
+    "component",
+    "experiment",
     "hookimpl",
+    "open_run",
+    "train",
 ]

@@ -162,13 +162,16 @@ class Run:
             key = "--estimator" if e.argument == "estimator" else f"eval.{e.argument}"
             raise ConfigError(f"{self.exp.source}: {key}: {e.message}") from None
 
-    def sampler(self, lam: float | None = None):
-        """The experiment's sampler, with λ replaced when given (the sampler must take ``lam``)."""
-        spec = dict(self.exp.components["sampler"])
+    def sampler(self, lam: float | None = None, name: str | None = None):
+        """The experiment's sampler (or the registered sampler ``name`` with its defaults), with λ
+        replaced when given (the sampler must take ``lam``)."""
+        spec = dict(self.exp.components["sampler"]) if name is None else {"name": name}
         if lam is not None:
-            require_lambda_sampler(self.registry, self.exp, "--lam")
+            if name is None:
+                require_lambda_sampler(self.registry, self.exp, "--lam")
             spec["lam"] = lam
-        checked = check_component(self.registry, "sampler", spec, f"{self.run_dir}/{CONFIG_FILE}")
+        checked = check_component(self.registry, "sampler", spec, f"{self.run_dir}/{CONFIG_FILE}"
+                                  if name is None else "sampler")
         exp = attrs.evolve(self.exp, components={**self.exp.components, "sampler": checked})
         return build_component(self.registry, exp, "sampler")
 
@@ -247,12 +250,12 @@ def open_run(run_dir: str | Path, registry: Registry | None = None, notice: Call
         run.ema.load_state_dict(state["ema"])
         run.step = int(state["step"])
 
-    if restore(run.run_dir, apply, notice or _say) is None:
+    if restore(run.run_dir, apply, notice or say) is None:
         raise UnreadableCheckpoint(f"{run.run_dir / LAST}: no checkpoint there (has the run saved one yet?)")
     return run
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     import sys
 
     print(f"sdeflow: {message}", file=sys.stderr)

@@ -363,10 +363,9 @@ def _changes_from_configs(runs_dir: Path) -> dict[str, dict[str, Any]]:
 def plot_bpd(runs_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path | None:
     """Left: periodic bpd vs step (±1 s.e. bands), one line per variant. Right: each variant's final
     test Δbpd to the baseline with ±2 paired s.e. (dark) and ±2 independent s.e. (light)."""
-    from .figures import pyplot_agg, save_figure
+    from .figures import new_figure, save_figure
 
-    plt = pyplot_agg()
-    fig, (curves, deltas) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (curves, deltas) = new_figure(2, size=5.5)
     drawn = False
     for row in rows:
         evals = [r for r in read_metrics(runs_dir / row["variant"]) if "bpd" in r]
@@ -380,7 +379,6 @@ def plot_bpd(runs_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path | None:
         drawn = True
     with_delta = [r for r in rows if r.get("test_delta") is not None]
     if not drawn and not with_delta:
-        plt.close(fig)
         return None
     split = {r.get("split", "val") for row in rows for r in read_metrics(runs_dir / row["variant"]) if "bpd" in r}
     curves.set_xlabel("step")
