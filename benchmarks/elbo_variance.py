@@ -56,7 +56,8 @@ from sdeflow.data import eval_batches
 from sdeflow.estimators import make_estimators, pilot_generator
 from sdeflow.evaluate import batch_generator
 from sdeflow.registry import default_registry
-from sdeflow.runs import LAST, open_run
+from sdeflow.runfolder import LAST
+from sdeflow.runs import open_run
 from sdeflow.trainer import train
 from sdeflow.transforms import bits_per_dim, mean_and_se
 

@@ -76,7 +76,7 @@ def test_status_of_a_sweep_in_progress_says_pending_running_and_stopped(tmp_path
     path = write_experiment(tmp_path, tiny_config(ablations=FOUR[:2]))
     runs = tmp_path / "runs"
     assert run_cli(capsys, "sweep", path, "--runs-dir", runs, "--only", "base")[0] == 0
-    from sdeflow.runs import RunLock
+    from sdeflow.runfolder import RunLock
     from sdeflow.sweep import prepare, write_plan
 
     write_plan(runs, prepare(path))

@@ -27,8 +27,8 @@ from sdeflow.checkpoint import load
 from sdeflow.config import safe_load_capped
 from sdeflow.errors import ConfigError
 from sdeflow.results import per_example
+from sdeflow.runfolder import RunLock
 from sdeflow.runlog import read_metrics
-from sdeflow.runs import RunLock
 
 LAST = Path("checkpoints") / "last.pt"
 PREVIOUS = Path("checkpoints") / "previous.pt"

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 from torch import Tensor
 
-from . import hookspecs, runs, trainer
-from .build import check_experiment
+from . import hookspecs, runfolder, runs, trainer
+from .build import advice, check_experiment
 from .config import Experiment, apply_overrides, check_component, load_experiment, structure
-from .errors import ConfigError, InvalidArgument, SdeflowError
 from .data import num_examples, take
+from .errors import ConfigError, InvalidArgument, SdeflowError
 from .estimators import prepare_all
 from .evaluate import batch_generator, format_results, pilot_batch, summarize
 from .figures import image_grid, new_figure, samples_figure, trajectories_figure
@@ -52,8 +52,14 @@ def experiment(source: str | Path | Mapping[str, Any], overrides: Mapping[str, A
         exp = structure(data, MAPPING_SOURCE, default_registry(), default_name=str(source.get("name", "experiment")))
     else:
         exp = load_experiment(source, dotted)
-    check_experiment(exp)  # every check of `sdeflow check`: values, combinations, run settings
+    parts = check_experiment(exp)  # every check of `sdeflow check`: values, combinations, run settings
+    for line in advice(exp, parts):
+        warnings.warn(line, SdeflowAdvice, stacklevel=2)
     return exp
+
+
+class SdeflowAdvice(UserWarning):
+    """Settings that are valid but almost surely not what was meant (``sdeflow check`` prints them)."""
 
 
 def _dotted(sections: Mapping[str, Any], prefix: str = ""):
@@ -103,8 +109,8 @@ def train(exp: Experiment, run_dir: str | Path | None = None, *, steps: int | No
 def trained_steps(run_dir: str | Path) -> int:
     """Training steps behind a run folder's newest usable checkpoint (0 when it has none)."""
     steps: list[int] = []
-    if (Path(run_dir) / runs.CONFIG_FILE).exists():
-        runs.restore(Path(run_dir), lambda state: steps.append(int(state["step"])), runs.say)
+    if (Path(run_dir) / runfolder.CONFIG_FILE).exists():
+        runfolder.restore(Path(run_dir), lambda state: steps.append(int(state["step"])), runfolder.say)
     return steps[0] if steps else 0
 
 
@@ -153,6 +159,11 @@ class Run:
         return self._run.ema.eval()
 
     @property
+    def built(self) -> runs.Run:
+        """The kernel's view of the run (registry, device, parts), for code that extends sdeflow."""
+        return self._run
+
+    @property
     def results(self) -> dict[str, dict[str, dict[str, Any]]]:
         """The headline results of eval.json by split and estimator (``run.results["test"]["elbo"]["bpd"]``)."""
         return {split: headline(self.path, split) for split in ("val", "test")}
@@ -197,11 +208,13 @@ class Run:
         return summarize(nll, log_det.double(), dim, run.data.transform.bits_offset)["examples"]
 
     def evaluate(self, split: str = "test", *, estimator: str | None = None, max_examples: int | None = None,
-                 samples: int | None = None, save: bool = True, show: bool = True) -> dict[str, dict[str, Any]]:
+                 samples: int | None = None, time_sampler: str | None = None, batch_size: int | None = None,
+                 save: bool = True, show: bool = True) -> dict[str, dict[str, Any]]:
         """``sdeflow eval``: every named estimator (default: the experiment's) over ``split``, each result
         with its bpd, s.e., settings and ``examples`` (per-example index, nats, bpd). With ``save`` it is
         recorded in eval.json beside the others."""
-        results = self._run.evaluate(split=split, estimator=estimator, max_examples=max_examples, samples=samples)
+        results = self._run.evaluate(split=split, estimator=estimator, max_examples=max_examples, samples=samples,
+                                     time_sampler=time_sampler, batch_size=batch_size)
         if show:
             print(format_results(results, self.data.kind))
         if save:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import torch
 
 from .config import Experiment, build_component
 from .elbo import require_linear_drift
@@ -87,6 +88,35 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: eval.{e.argument}: {e.message}") from None
     return parts
+
+
+MISMATCH = 10.0
+"""Importance weights w(t)/q(t) spread over more than this factor count as a mismatched time sampler."""
+
+
+def importance_weight_spread(loss: Loss, time_sampler: TimeSampler, sde: SDE, points: int = 2001
+                             ) -> tuple[float, float]:
+    """(max/min of q(t), max/min of w(t)/q(t)) on [t_ε, T], for a loss with a time weight w (MATH.md §4):
+    an importance sampler matched to the loss makes w/q constant; (1, 1) when the loss has no weight."""
+    weight = getattr(loss, "weight", None)
+    if weight is None:
+        return 1.0, 1.0
+    t = torch.linspace(getattr(sde, "t_eps", 1e-3), sde.T, points, dtype=torch.float64)
+    q = time_sampler.density(sde, t).double()
+    r = weight(sde, t).double() / q
+    return float(q.max() / q.min()), float(r.max() / r.min())
+
+
+def advice(exp: Experiment, parts: Parts) -> list[str]:
+    """Settings that are valid but almost surely not what was meant, one line each, naming the keys."""
+    q_spread, r_spread = importance_weight_spread(parts.loss, parts.time_sampler, parts.sde)
+    if q_spread > 1.5 and r_spread > MISMATCH:
+        fix = getattr(parts.loss, "matched_time_sampler_fix", None)
+        return [f"{exp.source}: time_sampler.name '{exp.components['time_sampler']['name']}' importance-samples t "
+                f"for another weighting than loss '{exp.components['loss']['name']}' uses: its weights w(t)/q(t) "
+                f"spread over a factor {r_spread:.0f}, a noisier estimate of the same loss, not the paper's "
+                f"debiasing; {fix or 'pair it with a loss whose weight it matches'} (or time_sampler.name=uniform)"]
+    return []
 
 
 def require_lambda_sampler(registry: Registry, exp: Experiment, key: str) -> None:

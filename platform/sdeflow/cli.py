@@ -11,38 +11,19 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, cliparser
 from .allocator import keep_freed_memory
+from .api import experiment, open_run
+from .cliparser import EXIT_USER_ERROR
+from .config import load_experiment, parse_override, read_experiment_data
 from .errors import ConfigError, SdeflowError, did_you_mean
 from .hookspecs import KINDS
 from .preemption import Stopped
 from .registry import default_registry, plugin_components
-
-EXIT_USER_ERROR = 2
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the house error format: one line on stderr, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"sdeflow: error: {message} (see '{self.prog} --help')\n")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def seed_value(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
-    return value
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
@@ -90,117 +71,113 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .build import check_experiment
-    from .config import load_experiment
+    from .build import advice, build_parts
 
-    exp = load_experiment(args.experiment, args.overrides)
-    check_experiment(exp)
+    exp = experiment(args.experiment, overrides_of(args))
     print(yaml.safe_dump(exp.to_dict(), sort_keys=False), end="")
+    for line in advice(exp, build_parts(exp)):
+        print(f"sdeflow: warning: {line}", file=sys.stderr)
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train_from_cli
+def overrides_of(args: argparse.Namespace) -> dict:
+    return dict(parse_override(o) for o in args.overrides)
 
-    return train_from_cli(args)
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import init_from_env, shutdown
+    from .runfolder import recorded_plugins
+    from .runs import resolve_device
+    from .trainer import default_run_dir, train
+
+    data = read_experiment_data(args.experiment, overrides_of(args))
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(str(data.get("name", Path(args.experiment).stem)))
+    # A name that two plugins now register resolves as this run recorded it.
+    prefer = {} if args.restart else recorded_plugins(run_dir)
+    exp = load_experiment(args.experiment, overrides_of(args), prefer=prefer)
+    ctx = init_from_env(resolve_device(exp.device, exp.source))
+    try:
+        train(exp, run_dir, restart=args.restart, ctx=ctx, allow_changes=args.allow_changes,
+              reevaluate=args.reevaluate)
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(f"run folder: {run_dir} (eval.json, samples/, metrics.jsonl; tensorboard --logdir {run_dir.parent})")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import eval_from_cli
-
-    return eval_from_cli(args)
+    run = open_run(args.run_dir)
+    results = run.evaluate(args.split, estimator=args.estimator, max_examples=args.max_examples,
+                           samples=args.samples_per_example, time_sampler=args.time_sampler,
+                           batch_size=args.batch_size)
+    partial = [name for name, e in results.items() if not e["full"]]
+    if partial:
+        n = results[partial[0]]["n"]
+        print(f"sdeflow: {', '.join(partial)}: not the experiment's own evaluation settings ({n} {args.split} "
+              "examples): recorded beside the headline results in eval.json, not as its headline", file=sys.stderr)
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .sampling import sample_from_cli
+    from .build import require_lambda_sampler
+    from .memory import bytes_per_example, check_batch_fits
 
-    return sample_from_cli(args)
+    run = open_run(args.run_dir)
+    built = run.built
+    if args.trajectories and not run.data.planar:
+        raise SdeflowError(f"--trajectories: needs 2-D data; {run.path} holds {run.data.kind} data "
+                           f"of shape {tuple(run.data.shape)}")
+    if args.trajectories:
+        require_lambda_sampler(built.registry, run.exp, "--trajectories")
+    cfg = run.exp.sample
+    num = args.num if args.num is not None else cfg.num
+    steps = args.steps if args.steps is not None else cfg.steps
+    lam = args.lam if args.lam is not None or args.sampler else cfg.lam
+    per_example = bytes_per_example(run.ema, tuple(run.data.shape), built.device)
+    check_batch_fits("--num", num, per_example, built.device, str(run.path), factor=1.5)
+    out = Path(args.out) if args.out else run.path / "samples" / "sample.png"
+    print(built.save_samples(out, num=num, lam=lam, sampler=args.sampler, steps=steps, seed=args.seed))
+    if args.trajectories:
+        path = run.path / "samples" / "trajectories.png" if args.out is None else \
+            Path(args.out).with_name(f"{Path(args.out).stem}_trajectories.png")
+        print(built.save_trajectories(path, num=num, steps=steps, seed=args.seed))
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import sweep_from_cli
+    from .sweep import run_sweep, status_rows, write_summary
 
-    return sweep_from_cli(args)
+    if args.status:
+        if not Path(args.status).is_dir():
+            raise SdeflowError(f"--status: {args.status} is not a folder of sweep runs")
+        rows = status_rows(Path(args.status))
+        width = max(len(n) for n, _ in rows) if rows else 0
+        print("\n".join(f"{name:<{width}}  {state}" for name, state in rows))
+        return 0
+    if args.summary:
+        if not Path(args.summary).is_dir():
+            raise SdeflowError(f"--summary: {args.summary} is not a folder of sweep runs")
+        write_summary(args.summary, args.baseline)
+        return 0
+    if not args.experiment:
+        raise ConfigError("sweep: give an experiment file, or --summary DIR")
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    run_sweep(args.experiment, args.runs_dir, args.overrides, only, launcher=args.launcher, jobs=args.jobs)
+    return 0
+
+
+COMMANDS = {"plugins": cmd_plugins, "components": cmd_components, "check": cmd_check, "train": cmd_train,
+            "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="sdeflow", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"sdeflow {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("plugins", help="list installed plugins")
-    p.add_argument("--json", action="store_true", help="print one JSON list")
-    p.set_defaults(func=cmd_plugins)
-
-    p = sub.add_parser("components", help="list registered components and their arguments")
-    p.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)}")
-    p.add_argument("--json", action="store_true", help="print one JSON list")
-    p.set_defaults(func=cmd_components)
-
-    p = sub.add_parser("check", help="validate an experiment and print the resolved config")
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=cmd_check)
-
-    p = sub.add_parser("train", help="train an experiment (resumes an existing run folder)")
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--run-dir", help="run folder (default runs/<name>)")
-    p.add_argument("--restart", action="store_true", help="start afresh even if the run folder has a checkpoint")
-    p.add_argument("--allow-changes", action="store_true",
-                   help="resume even with a changed seed, batch size or component (breaks exact resume)")
-    p.add_argument("--reevaluate", action="store_true", help="evaluate a finished run again")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="test bpd / ELBO of a trained run")
-    p.add_argument("run_dir")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--max-examples", type=positive_int)
-    p.add_argument("--samples-per-example", type=positive_int)
-    p.add_argument("--estimator", help="comma-separated estimators (elbo, ode, both, ...; see README)")
-    p.add_argument("--time-sampler", help="time sampler for the ELBO (e.g. uniform, debiased)")
-    p.add_argument("--batch-size", type=positive_int)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("sample", help="draw samples (PNG grid or scatter plot)")
-    p.add_argument("run_dir")
-    p.add_argument("--num", type=positive_int)
-    p.add_argument("--lam", type=float)
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--trajectories", action="store_true", help="2-D data: draw the paths for λ = 0 and λ = 1")
-    p.add_argument("--out")
-    p.add_argument("--seed", type=seed_value, default=0)
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("sweep", help="run an experiment's ablations and sweep grid, then summarise")
-    p.add_argument("experiment", nargs="?")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--runs-dir")
-    p.add_argument("--only", help="comma-separated variant names")
-    p.add_argument("--summary", metavar="DIR", help="only rebuild the summary of a runs folder")
-    p.add_argument("--baseline", metavar="NAME", help="the variant deltas are taken to (default: base)")
-    p.add_argument("--launcher", choices=["sequential", "local", "slurm"],
-                   help="where the variants run (default: the file's launcher section, else sequential)")
-    p.add_argument("--jobs", type=positive_int, metavar="N", help="variants at once (local, slurm)")
-    p.add_argument("--status", metavar="DIR", help="print each variant's state in a sweep's runs folder")
-    p.set_defaults(func=cmd_sweep)
-    return parser
-
-
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come after options (`train exp.yaml --run-dir d train.steps=5`)
-    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args
+    return cliparser.build_parser(COMMANDS, __version__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = parse(build_parser(), argv)
+        args = cliparser.parse(build_parser(), argv)
     except SystemExit as e:  # usage errors (status 2), --help and --version (status 0)
         return e.code if isinstance(e.code, int) else 0
     keep_freed_memory()

@@ -8,7 +8,6 @@ single-process one example for example, and every example is counted exactly onc
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -161,21 +160,3 @@ def format_results(results: dict[str, dict[str, float]], kind: str) -> str:
         nfe = f", {r['nfe']:.0f} NFE/batch" if "nfe" in r else ""
         lines.append(line + f"   (n={r['n']}{cost}{nfe})")
     return "\n".join(lines)
-
-
-def eval_from_cli(args) -> int:
-    from .results import record
-    from .runs import open_run
-
-    run = open_run(args.run_dir)
-    results = run.evaluate(split=args.split, max_examples=args.max_examples,
-                           samples=args.samples_per_example, estimator=args.estimator,
-                           time_sampler=args.time_sampler, batch_size=args.batch_size)
-    print(format_results(results, run.data.kind))
-    entries = record(args.run_dir, results, step=run.step, seed=run.exp.seed)
-    partial = [name for name, e in entries.items() if not e["full"]]
-    if partial:
-        n = entries[partial[0]]["n"]
-        print(f"sdeflow: {', '.join(partial)}: not the experiment's own evaluation settings ({n} {args.split} "
-              "examples): recorded beside the headline results in eval.json, not as its headline", file=sys.stderr)
-    return 0

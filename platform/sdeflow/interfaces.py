@@ -203,7 +203,12 @@ class TimeSampler(abc.ABC):
 
 
 class Loss(abc.ABC):
-    """A per-example training loss of the composed model (MATH.md §4–5)."""
+    """A per-example training loss of the composed model (MATH.md §4–5).
+
+    Optional: ``weight(sde, t)``, the time weight w(t) a loss divides by the sampler's q(t) (the kernel
+    then warns when a non-uniform time sampler leaves w/q far from constant), and
+    ``matched_time_sampler_fix``, a one-line hint for that warning.
+    """
 
     @abc.abstractmethod
     def __call__(self, model, x: Tensor, time_sampler: TimeSampler, *, generator=None) -> Tensor:

@@ -335,7 +335,7 @@ def read_job_record(run_dir: Path) -> dict[str, Any]:
 
 def is_locked(run_dir: Path) -> bool:
     """Whether a process holds the run folder's lock (i.e. is training or evaluating it now)."""
-    from .runs import LOCK_FILE
+    from .runfolder import LOCK_FILE
 
     try:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)

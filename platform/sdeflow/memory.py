@@ -80,3 +80,13 @@ def _size(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PB"
+
+
+def check_run_fits(model, exp, shape: tuple[int, ...], device: torch.device, world: int = 1) -> None:
+    """A run's batch sizes and sample count that clearly cannot fit are config errors, before any allocation
+    (the training batch is this rank's share of ``train.batch_size``)."""
+    per_example = bytes_per_example(model, tuple(shape), device)
+    check_batch_fits("train.batch_size", -(-exp.train.batch_size // world), per_example, device, exp.source)
+    check_batch_fits("eval.batch_size", exp.eval.batch_size * exp.eval.samples_per_example, per_example,
+                     device, exp.source)
+    check_batch_fits("sample.num", exp.sample.num, per_example, device, exp.source, factor=1.5)

@@ -26,8 +26,9 @@ from .errors import ConfigError, SdeflowError
 from .preemption import Stopped
 from .registry import Registry, default_registry
 from .results import headline, per_example
+from .runfolder import LAST
 from .runlog import read_metrics
-from .runs import LAST, resolve_device
+from .runs import resolve_device
 from .transforms import mean_and_se
 
 BASE = "base"
@@ -409,23 +410,3 @@ def status_rows(runs_dir: Path) -> list[tuple[str, str]]:
                 steps = (read_yaml(run_dir / "config.yaml").get("train") or {}).get("steps")
         rows.append((v["name"], variant_state(run_dir, steps, bool(steps) and finished(run_dir, steps))))
     return rows
-
-
-def sweep_from_cli(args) -> int:
-    if args.status:
-        if not Path(args.status).is_dir():
-            raise SdeflowError(f"--status: {args.status} is not a folder of sweep runs")
-        rows = status_rows(Path(args.status))
-        width = max(len(n) for n, _ in rows) if rows else 0
-        print("\n".join(f"{name:<{width}}  {state}" for name, state in rows))
-        return 0
-    if args.summary:
-        if not Path(args.summary).is_dir():
-            raise SdeflowError(f"--summary: {args.summary} is not a folder of sweep runs")
-        write_summary(args.summary, args.baseline)
-        return 0
-    if not args.experiment:
-        raise ConfigError("sweep: give an experiment file, or --summary DIR")
-    only = [n.strip() for n in args.only.split(",")] if args.only else None
-    run_sweep(args.experiment, args.runs_dir, args.overrides, only, launcher=args.launcher, jobs=args.jobs)
-    return 0

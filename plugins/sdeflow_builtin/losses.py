@@ -32,6 +32,11 @@ class DSM(Loss):
     def weight(self, sde, t: Tensor) -> Tensor:
         return torch.ones_like(t) if self.weighting == "sigma2" else sde.truncated_likelihood_weight(t)
 
+    @property
+    def matched_time_sampler_fix(self) -> str | None:
+        """What makes an importance sampler of the likelihood weight (``debiased``) match this loss."""
+        return "set loss.weighting=likelihood (the paper's --debias=True)" if self.weighting == "sigma2" else None
+
     def __call__(self, model, x: Tensor, time_sampler: TimeSampler, *, generator=None) -> Tensor:
         t, q = time_sampler.sample(model.sde, x.shape[0], device=x.device, generator=generator)
         t, q = t.to(x.dtype), q.to(x.dtype)
