@@ -32,7 +32,7 @@ def test_experiment_errors_are_the_cli_errors(tmp_path, capsys):
     path = write_experiment(tmp_path)
     for overrides in ({"train.steps": 0}, {"sde.beta_maxx": 1.0}, {"eval.estimator": "elbo,nope"}):
         with pytest.raises(ConfigError) as raised:
-            sdeflow.experiment(path, overrides)
+            sdeflow.experiment(path, overrides, where="command line")
         status, _, err = run_cli(capsys, "check", path, *(f"{k}={v}" for k, v in overrides.items()))
         assert status == 2 and str(raised.value) in err
 
@@ -113,3 +113,31 @@ def test_metrics_and_figures(trained):
     assert len(trained.figure("curves").axes) == 2
     with pytest.raises(sdeflow.errors.SdeflowError, match="expected samples, trajectories or curves"):
         trained.figure("histogram")
+
+
+def test_an_error_about_an_override_names_where_it_was_given(tmp_path, capsys):
+    from helpers_exp import assert_one_line_error
+
+    path = write_experiment(tmp_path, train={"steps": 0})
+    status, _, err = run_cli(capsys, "check", path, "seed=3")
+    assert status == 2 and "command line" not in err and f"{path}: train.steps" in err  # the file's own mistake
+    path = write_experiment(tmp_path)
+    status, _, err = run_cli(capsys, "check", path, "train.steps=0")
+    assert_one_line_error(status, err, "command line: train.steps: must be at least 1, got 0")
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", tmp_path / "run", "sde.beta_maxx=1")
+    assert_one_line_error(status, err, "command line: sde.beta_maxx: unknown argument")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"^overrides: train.steps: must be at least 1"):
+        sdeflow.experiment(path, {"train.steps": 0})
+
+
+def test_debiased_time_with_sigma2_weighting_is_flagged_with_the_fix(tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    status, _, err = run_cli(capsys, "check", path, "time_sampler.name=debiased")
+    assert status == 0
+    (line,) = [x for x in err.splitlines() if "warning" in x]
+    assert "time_sampler.name 'debiased'" in line and "loss.weighting=likelihood" in line
+    status, _, err = run_cli(capsys, "check", path, "time_sampler.name=debiased", "loss.weighting=likelihood")
+    assert status == 0 and "warning" not in err
+    with pytest.warns(sdeflow.api.SdeflowAdvice, match="loss.weighting=likelihood"):
+        sdeflow.experiment(path, {"time_sampler.name": "debiased"})

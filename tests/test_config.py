@@ -99,7 +99,7 @@ def test_unknown_run_setting(tmp_path, capsys):
 def test_unknown_component_argument_names_file_key_and_suggestion(tmp_path, capsys):
     path = write_experiment(tmp_path)
     status, _, err = run_cli(capsys, "check", path, "sde.beta_mx=3")
-    assert_one_line_error(status, err, str(path), "sde.beta_mx", "did you mean 'beta_max'", "accepted:")
+    assert_one_line_error(status, err, "command line: sde.beta_mx", "did you mean 'beta_max'", "accepted:")
 
 
 def test_unknown_component_name_suggests_the_nearest(tmp_path, capsys):
@@ -117,7 +117,7 @@ def test_wrong_type_names_the_key_and_the_expected_type(tmp_path, capsys):
 def test_negative_beta_names_the_key(tmp_path, capsys):
     path = write_experiment(tmp_path)
     status, _, err = run_cli(capsys, "check", path, "sde.beta_min=-1")
-    assert_one_line_error(status, err, str(path), "sde.beta_min", "must be positive")
+    assert_one_line_error(status, err, "command line: sde.beta_min", "must be positive")
 
 
 def test_missing_component_section(tmp_path, capsys):

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from helpers_exp import assert_one_line_error, run_cli, tiny_config, write_experiment
-from sdeflow.launchers import JOB_FILE, read_launcher
+from sdeflow.jobstate import JOB_FILE
+from sdeflow.launchers import read_launcher
 from sdeflow.preemption import EXIT_PREEMPTED
 
 pytest.importorskip("submitit", reason="the local and slurm launchers need submitit: pip install -e '.[test]'")
@@ -77,7 +78,8 @@ def test_status_of_a_sweep_in_progress_says_pending_running_and_stopped(tmp_path
     runs = tmp_path / "runs"
     assert run_cli(capsys, "sweep", path, "--runs-dir", runs, "--only", "base")[0] == 0
     from sdeflow.runfolder import RunLock
-    from sdeflow.sweep import prepare, write_plan
+    from sdeflow.summary import write_plan
+    from sdeflow.sweep import prepare
 
     write_plan(runs, prepare(path))
     (runs / "score").mkdir()

@@ -22,6 +22,6 @@ def test_readme_python_section_runs(monkeypatch, capsys):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md (Python section)", "exec"), namespace)
-    assert namespace["run"].step == 500
+    assert namespace["run"].step == 300
     out = capsys.readouterr().out
     assert re.search(r"\d\.\d{3} ± \d\.\d{3} bits/dim", out)

@@ -280,7 +280,7 @@ def test_run_files_are_created_with_the_users_umask(tmp_path, capsys):
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, capsys, override, fragments):
     path = write_experiment(tmp_path)
     status, _, err = run_cli(capsys, "check", path, override)
-    assert_one_line_error(status, err, str(path), *fragments)
+    assert_one_line_error(status, err, "command line: ", *fragments)  # the value was given there
     status, _, err = run_cli(capsys, "train", path, override, "--run-dir", tmp_path / "run")
     assert_one_line_error(status, err, *fragments)
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,8 @@ from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, w
 from sdeflow.errors import ConfigError, SdeflowError
 from sdeflow.results import per_example
 from sdeflow.runlog import read_metrics
-from sdeflow.sweep import expand, own_settings_variant, prepare, run_sweep, write_summary
+from sdeflow.summary import own_settings_variant, write_summary
+from sdeflow.sweep import expand, prepare, run_sweep
 
 SOURCE = "exp.yaml"
 

@@ -10,6 +10,8 @@ import torch
 import yaml
 
 import sdeflow.checkpoint
+import sdeflow.optim
+import sdeflow.runfolder
 import sdeflow.trainer
 from helpers_exp import is_png, losses, snapshot, write_experiment
 from sdeflow.checkpoint import load, save_atomic
@@ -151,7 +153,7 @@ def test_two_restarts_within_one_second_keep_both_old_runs_side_by_side(tmp_path
     run_dir = tmp_path / "run"
     exp = experiment(tmp_path, "train.steps=1")
     train(exp, run_dir)
-    monkeypatch.setattr(sdeflow.trainer.time, "strftime", lambda *args: "20250101-000000")  # one clock second
+    monkeypatch.setattr(sdeflow.runfolder.time, "strftime", lambda *args: "20250101-000000")  # one clock second
     train(exp, run_dir, restart=True)
     train(exp, run_dir, restart=True)
     backups = sorted(tmp_path.glob("run.old-*"))
@@ -255,14 +257,14 @@ def test_training_batches_started_mid_run_continue_the_same_order():
 
 
 def test_adam_is_fused_where_pytorch_has_a_fused_kernel_and_plain_elsewhere():
-    cpu = sdeflow.trainer.adam([torch.nn.Parameter(torch.zeros(3))], 1e-3)
+    cpu = sdeflow.optim.adam([torch.nn.Parameter(torch.zeros(3))], 1e-3)
     assert cpu.defaults["fused"] is True
     # A device without a fused kernel must not ask for one (torch would refuse at construction).
-    meta = sdeflow.trainer.adam([torch.nn.Parameter(torch.zeros(3, device="meta"))], 1e-3)
+    meta = sdeflow.optim.adam([torch.nn.Parameter(torch.zeros(3, device="meta"))], 1e-3)
     assert not meta.defaults["fused"]
     # The fused update is Adam: one step matches the textbook formula, lr·g/(|g|+eps) at step 1.
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = sdeflow.trainer.adam([p], 0.1)
+    opt = sdeflow.optim.adam([p], 0.1)
     p.grad = torch.tensor([0.5, -4.0])
     opt.step()
     torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9]), rtol=0, atol=1e-6)

@@ -26,33 +26,40 @@ from . import hookspecs, runfolder, runs, trainer
 from .build import advice, check_experiment
 from .config import Experiment, apply_overrides, check_component, load_experiment, structure
 from .data import num_examples, take
-from .errors import ConfigError, InvalidArgument, SdeflowError
+from .errors import ConfigError, InvalidArgument, SdeflowError, blame_overrides
 from .estimators import prepare_all
 from .evaluate import batch_generator, format_results, pilot_batch, summarize
 from .figures import image_grid, new_figure, samples_figure, trajectories_figure
+from .quality import format_quality, parse_metrics, run_quality
 from .registry import INJECTED, default_registry
-from .results import headline, record
+from .results import headline, record, record_quality
 from .runlog import read_metrics
 
 MAPPING_SOURCE = "<mapping>"
 
 
-def experiment(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None, /,
-               **sections: Any) -> Experiment:
+def experiment(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None, /, *,
+               where: str = "overrides", **sections: Any) -> Experiment:
     """A checked experiment from a YAML file or a mapping, with dotted ``overrides``
     (``{"train.steps": 500}``) and whole sections as keywords (``sde={"name": "subvp"}``, ``seed=1``).
 
     Keywords are applied first, then ``overrides``; a section given as a mapping sets only the keys it
-    names, as the dotted form would. Nothing is built and no data is loaded.
+    names, as the dotted form would. Nothing is built and no data is loaded. An error about a value an
+    override set names ``where`` instead of the file.
     """
     dotted = dict(_dotted(sections))
     dotted.update(overrides or {})
-    if isinstance(source, Mapping):
-        data = apply_overrides(dict(source), dotted, MAPPING_SOURCE)
-        exp = structure(data, MAPPING_SOURCE, default_registry(), default_name=str(source.get("name", "experiment")))
-    else:
-        exp = load_experiment(source, dotted)
-    parts = check_experiment(exp)  # every check of `sdeflow check`: values, combinations, run settings
+    source_name = MAPPING_SOURCE if isinstance(source, Mapping) else str(source)
+    try:
+        if isinstance(source, Mapping):
+            data = apply_overrides(dict(source), dotted, MAPPING_SOURCE)
+            exp = structure(data, MAPPING_SOURCE, default_registry(),
+                            default_name=str(source.get("name", "experiment")))
+        else:
+            exp = load_experiment(source, dotted)
+        parts = check_experiment(exp)  # every check of `sdeflow check`: values, combinations, run settings
+    except ConfigError as e:
+        raise blame_overrides(e, source_name, dotted, where) from None
     for line in advice(exp, parts):
         warnings.warn(line, SdeflowAdvice, stacklevel=2)
     return exp
@@ -220,6 +227,18 @@ class Run:
         if save:
             record(self.path, results, step=self.step, seed=self.exp.seed)
         return results
+
+    def quality(self, metrics: str = "swd,mmd", *, split: str = "test", n: int | None = None, seed: int = 0,
+                save: bool = True, show: bool = True) -> dict[str, dict[str, float]]:
+        """Sample quality (``sdeflow eval --metrics``): {metric: {value, floor, n}} of ``n`` samples
+        (default ``sample.num``) against ``split``, the floor being two held-out halves; recorded in
+        eval.json's ``quality`` section with ``save``."""
+        values, settings = run_quality(self._run, parse_metrics(metrics), split=split, n=n, seed=seed)
+        if show:
+            print(format_quality(values, split))
+        if save:
+            record_quality(self.path, split, values, step=self.step, seed=seed, settings=settings)
+        return values
 
     # ------------------------------------------------------------------ samples
 

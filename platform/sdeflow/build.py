@@ -12,6 +12,7 @@ from .estimators import parse_estimators
 from .interfaces import SDE, DataBundle, Loss, Sampler, TimeSampler
 from .likelihood import check_method
 from .model import DiffusionModel
+from .quality import parse_metrics
 from .registry import Registry, default_registry
 
 
@@ -82,6 +83,7 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: eval.ode_method: {e.message}") from None
     try:
+        parse_metrics(exp.eval.metrics)
         names = parse_estimators(exp.eval.estimator)
         if set(names) & {"dsm_elbo", "combined_elbo"}:
             require_linear_drift(parts.sde)

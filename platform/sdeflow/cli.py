@@ -18,12 +18,20 @@ import yaml
 from . import __version__, cliparser
 from .allocator import keep_freed_memory
 from .api import experiment, open_run
+from .build import advice, build_parts, require_lambda_sampler
 from .cliparser import EXIT_USER_ERROR
 from .config import load_experiment, parse_override, read_experiment_data
-from .errors import ConfigError, SdeflowError, did_you_mean
+from .distributed import init_from_env, shutdown
+from .errors import ConfigError, SdeflowError, blame_overrides, did_you_mean
 from .hookspecs import KINDS
+from .memory import bytes_per_example, check_batch_fits
 from .preemption import Stopped
 from .registry import default_registry, plugin_components
+from .runfolder import recorded_plugins
+from .runs import resolve_device
+from .summary import status_rows, write_summary
+from .sweep import run_sweep
+from .trainer import default_run_dir, train
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
@@ -71,36 +79,36 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .build import advice, build_parts
-
-    exp = experiment(args.experiment, overrides_of(args))
+    exp = experiment(args.experiment, overrides_of(args), where=COMMAND_LINE)
     print(yaml.safe_dump(exp.to_dict(), sort_keys=False), end="")
     for line in advice(exp, build_parts(exp)):
         print(f"sdeflow: warning: {line}", file=sys.stderr)
     return 0
 
 
+COMMAND_LINE = "command line"
+
+
 def overrides_of(args: argparse.Namespace) -> dict:
-    return dict(parse_override(o) for o in args.overrides)
+    return dict(parse_override(o, COMMAND_LINE) for o in args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import init_from_env, shutdown
-    from .runfolder import recorded_plugins
-    from .runs import resolve_device
-    from .trainer import default_run_dir, train
-
     data = read_experiment_data(args.experiment, overrides_of(args))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(str(data.get("name", Path(args.experiment).stem)))
     # A name that two plugins now register resolves as this run recorded it.
     prefer = {} if args.restart else recorded_plugins(run_dir)
-    exp = load_experiment(args.experiment, overrides_of(args), prefer=prefer)
-    ctx = init_from_env(resolve_device(exp.device, exp.source))
+    overrides = overrides_of(args)
     try:
-        train(exp, run_dir, restart=args.restart, ctx=ctx, allow_changes=args.allow_changes,
-              reevaluate=args.reevaluate)
-    finally:
-        shutdown(ctx)
+        exp = load_experiment(args.experiment, overrides, prefer=prefer)
+        ctx = init_from_env(resolve_device(exp.device, exp.source))
+        try:
+            train(exp, run_dir, restart=args.restart, ctx=ctx, allow_changes=args.allow_changes,
+                  reevaluate=args.reevaluate)
+        finally:
+            shutdown(ctx)
+    except ConfigError as e:
+        raise blame_overrides(e, str(args.experiment), overrides, COMMAND_LINE) from None
     if ctx.is_main:
         print(f"run folder: {run_dir} (eval.json, samples/, metrics.jsonl; tensorboard --logdir {run_dir.parent})")
     return 0
@@ -111,6 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = run.evaluate(args.split, estimator=args.estimator, max_examples=args.max_examples,
                            samples=args.samples_per_example, time_sampler=args.time_sampler,
                            batch_size=args.batch_size)
+    if args.metrics:
+        run.quality(args.metrics, split=args.split, seed=args.seed)
     partial = [name for name, e in results.items() if not e["full"]]
     if partial:
         n = results[partial[0]]["n"]
@@ -120,9 +130,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .build import require_lambda_sampler
-    from .memory import bytes_per_example, check_batch_fits
-
     run = open_run(args.run_dir)
     built = run.built
     if args.trajectories and not run.data.planar:
@@ -146,8 +153,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep, status_rows, write_summary
-
     if args.status:
         if not Path(args.status).is_dir():
             raise SdeflowError(f"--status: {args.status} is not a folder of sweep runs")

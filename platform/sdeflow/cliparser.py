@@ -81,7 +81,13 @@ def build_parser(commands: Mapping[str, Callable], version: str) -> argparse.Arg
                    help="resume even with a changed seed, batch size or component (breaks exact resume)")
     p.add_argument("--reevaluate", action="store_true", help="evaluate a finished run again")
 
-    p = command("eval", "likelihood of a trained run (bpd ± s.e.), recorded in its eval.json")
+    _eval(command("eval", "likelihood of a trained run (bpd ± s.e.), recorded in its eval.json"))
+    _sample(command("sample", "draw samples from a trained run's EMA model into a PNG"))
+    _sweep(command("sweep", "run an experiment's ablations and sweep grid, then summarise them side by side"))
+    return parser
+
+
+def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder written by sdeflow train")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the examples evaluated")
     p.add_argument("--max-examples", type=positive_int, help="the first N examples (default: eval.max_examples)")
@@ -92,8 +98,12 @@ def build_parser(commands: Mapping[str, Callable], version: str) -> argparse.Arg
     p.add_argument("--time-sampler", help="time sampler of the ELBO, e.g. uniform, debiased "
                                           "(default: eval.time_sampler)")
     p.add_argument("--batch-size", type=positive_int, help="examples a batch (default: eval.batch_size)")
+    p.add_argument("--metrics", help="comma-separated sample-quality metrics, swd and mmd, each with its floor "
+                                     "(two halves of the split); recorded in eval.json's quality section")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the samples the metrics draw")
 
-    p = command("sample", "draw samples from a trained run's EMA model into a PNG")
+
+def _sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder written by sdeflow train")
     p.add_argument("--num", type=positive_int, help="number of samples (default: sample.num)")
     p.add_argument("--lam", type=float, help="λ of the λ-family: 0 reverse SDE … 1 ODE (default: sampler.lam)")
@@ -104,7 +114,8 @@ def build_parser(commands: Mapping[str, Callable], version: str) -> argparse.Arg
     p.add_argument("--out", help="the PNG to write (default: RUN_DIR/samples/sample.png)")
     p.add_argument("--seed", type=seed_value, default=0, help="seed of the prior draws and the sampler's noise")
 
-    p = command("sweep", "run an experiment's ablations and sweep grid, then summarise them side by side")
+
+def _sweep(p: argparse.ArgumentParser) -> None:
     _experiment(p, required=False)
     p.add_argument("--runs-dir", help="folder of the variants' run folders (default: runs/<experiment name>)")
     p.add_argument("--only", help="comma-separated variant names to run (default: all)")
@@ -115,7 +126,6 @@ def build_parser(commands: Mapping[str, Callable], version: str) -> argparse.Arg
     p.add_argument("--jobs", type=positive_int, metavar="N",
                    help="variants at once (local, slurm) (default: the launcher section's, else 1)")
     p.add_argument("--status", metavar="DIR", help="print each variant's state in a sweep's runs folder")
-    return parser
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -41,3 +41,17 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def blame_overrides(error: ConfigError, source: str, overridden: Iterable[str], where: str) -> ConfigError:
+    """``error`` about a key set by an override, re-addressed from the file (``source``) to ``where``
+    (the command line, the API's overrides); any other error is returned as it is."""
+    text = str(error)
+    if not text.startswith(f"{source}: "):
+        return error
+    rest = text[len(source) + 2:]
+    key = rest.split(":", 1)[0].strip()
+    for name in overridden:
+        if key == name or key.startswith(f"{name}.") or name.startswith(f"{key}."):
+            return type(error)(f"{where}: {rest}")
+    return error

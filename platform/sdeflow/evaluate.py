@@ -109,6 +109,22 @@ def evaluate(
         index.append(torch.arange(b * batch_size, b * batch_size + x.shape[0], device=device))
         if data.log_prob is not None:
             exact.append(-data.log_prob(x).double())
+    out = _summaries(ctx, device, rows, log_dets, index, exact if data.log_prob is not None else None,
+                     dim, data.transform.bits_offset, split)
+    for name in rows:
+        out[name]["seconds"] = seconds[name]  # this rank's estimator time: the cost beside the s.e.
+    total = num_examples(examples)
+    for entry in out.values():
+        entry["split"] = split
+        entry["full"] = entry["n"] == total
+    return out
+
+
+def _summaries(ctx: DistContext, device, rows: dict[str, list[Tensor]], log_dets: list[Tensor],
+               index: list[Tensor], exact: list[Tensor] | None, dim: int, bits_offset: float, split: str
+               ) -> dict[str, dict[str, Any]]:
+    """Every rank's per-example values gathered in example order, checked finite and summarised (and
+    the data's exact negative log-likelihood beside them, when it has one)."""
     all_index = _gather(ctx, index, device, torch.long)
     order = torch.argsort(all_index)
     all_index = all_index[order]
@@ -116,17 +132,9 @@ def evaluate(
     nll = {name: _gather(ctx, v, device)[order] for name, v in rows.items()}
     for name, values in nll.items():
         check_finite(name, split, values, all_index)
-    out = {name: summarize(values, log_det, dim, data.transform.bits_offset, all_index)
-           for name, values in nll.items()}
-    for name in out:
-        out[name]["seconds"] = seconds[name]  # this rank's estimator time: the cost beside the s.e.
-    if data.log_prob is not None:
-        out["exact"] = summarize(_gather(ctx, exact, device)[order], None, dim, data.transform.bits_offset,
-                                 all_index)
-    total = num_examples(examples)
-    for entry in out.values():
-        entry["split"] = split
-        entry["full"] = entry["n"] == total
+    out = {name: summarize(values, log_det, dim, bits_offset, all_index) for name, values in nll.items()}
+    if exact is not None:
+        out["exact"] = summarize(_gather(ctx, exact, device)[order], None, dim, bits_offset, all_index)
     return out
 
 

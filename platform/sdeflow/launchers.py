@@ -11,8 +11,6 @@ resumes from the checkpoint.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import signal
 import time
@@ -22,12 +20,11 @@ from typing import Any, Literal
 
 import attrs
 
-from .checkpoint import write_text_atomic
 from .config import structure_section
 from .errors import ConfigError, SdeflowError
+from .jobstate import one_line, read_job_record, record_job
 from .preemption import Preempted, StopRequests
 
-JOB_FILE = "job.json"
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30
 """submitit's local executor kills a job after its timeout; a local variant may run for weeks."""
 
@@ -131,7 +128,7 @@ class VariantJob:
                 _hand_on_to_submitit()
             return {"variant": self.name, "state": "stopped", "step": e.step}
         except BaseException as e:
-            record_job(run_dir, "failed", _one_line(e))
+            record_job(run_dir, "failed", one_line(e))
             raise
         record_job(run_dir, "done", "")
         return {"variant": self.name, "state": "done"}
@@ -162,19 +159,6 @@ def _hand_on_to_submitit() -> None:
     signal.raise_signal(signal.Signals[f"SIG{name}" if not name.startswith("SIG") else name])
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}"[:300] if not isinstance(error, SdeflowError) else text[:300]
-
-
-def record_job(run_dir: Path, state: str, message: str, **extra: Any) -> None:
-    """``RUN/job.json``: how the variant's last job ended (read by ``sdeflow sweep --status``)."""
-    if not run_dir.is_dir():
-        return
-    record = {"state": state, "message": message, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
-    write_text_atomic(run_dir / JOB_FILE, json.dumps(record) + "\n")
-
-
 # ---------------------------------------------------------------- launchers
 
 
@@ -199,7 +183,7 @@ def _sequential(jobs: Sequence[VariantJob], ctx=None) -> list[dict[str, Any]]:
         try:
             outcome = job(ctx)
         except Exception as e:
-            outcome = {"variant": job.name, "state": "failed", "message": _one_line(e)}
+            outcome = {"variant": job.name, "state": "failed", "message": one_line(e)}
             if main:
                 print(f"sdeflow: variant '{job.name}' failed: {outcome['message']}", flush=True)
         outcomes.append(outcome)
@@ -321,50 +305,3 @@ def _slurm(cfg: LauncherConfig, jobs: Sequence[VariantJob], folder: Path) -> lis
     if not cfg.wait:
         return [{"variant": j.name, "state": "submitted", "job_id": s.job_id} for s, j in zip(submitted, jobs)]
     return [_outcome(s, job) for s, job in zip(submitted, jobs)]
-
-
-# ---------------------------------------------------------------- status
-
-
-def read_job_record(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / JOB_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def is_locked(run_dir: Path) -> bool:
-    """Whether a process holds the run folder's lock (i.e. is training or evaluating it now)."""
-    from .runfolder import LOCK_FILE
-
-    try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def variant_state(run_dir: Path, steps: int | None, finished: bool) -> str:
-    """pending, running (step k/N), stopped at step k/N, failed: <its error line>, or done."""
-    from .runlog import read_metrics
-
-    trained = [r["step"] for r in read_metrics(run_dir) if "loss" in r] if run_dir.is_dir() else []
-    of = f"/{steps}" if steps else ""
-    if is_locked(run_dir):
-        return f"running (step {trained[-1] if trained else 0}{of})"
-    if finished:
-        return "done"
-    record = read_job_record(run_dir)
-    if record.get("state") == "failed":
-        return f"failed: {record.get('message', '')}"
-    if record.get("state") == "stopped" or trained:
-        return f"stopped at step {record.get('step', trained[-1] if trained else 0)}{of}"
-    return "pending"
-
-

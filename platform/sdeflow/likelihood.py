@@ -82,22 +82,33 @@ def ode_estimator(cfg) -> ODEEstimator:
 
 @torch.no_grad()
 def ode_sample(model, x_T: Tensor, ts: Tensor, *, method: str = "dopri5", rtol: float = 1e-5,
-               atol: float = 1e-5) -> Tensor:
-    """States of the probability-flow ODE at every time in ``ts`` (decreasing from T), from x_T."""
+               atol: float = 1e-5) -> tuple[Tensor, int]:
+    """(states of the probability-flow ODE at every time in ``ts``, decreasing from T, from x_T; the
+    number of function evaluations). Adaptive solvers step as the tolerances demand and interpolate
+    the states at the times in between, so the NFE does not grow with ``len(ts)``."""
+    nfe = 0
+
     def velocity(t: Tensor, x: Tensor) -> Tensor:
+        nonlocal nfe
+        nfe += 1
         return ode_velocity(model, x, t.to(x.dtype).expand(x.shape[0]))
 
     ts = ts.to(x_T)
-    return odeint(velocity, x_T, ts, method=method, rtol=rtol, atol=atol, options=_options(method, ts))
+    states = odeint(velocity, x_T, ts, method=method, rtol=rtol, atol=atol, options=_options(method, ts))
+    return states, nfe
 
 
-FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
+ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 
 
 def _options(method: str, times: Tensor) -> dict:
-    """Fixed-step solvers: 100 steps over the interval. Adaptive ones: make every output time a step
-    boundary, since torchdiffeq otherwise steps past the last time and interpolates back, evaluating
-    the SDE outside [0, T] (where σ² < 0 for VP near t = 0)."""
+    """Fixed-step solvers: 100 steps over the interval. Adaptive ones: the last time is a step boundary
+    (``step_t``), so the step that reaches it is shortened to end there instead of stepping past it and
+    interpolating back, which would evaluate the SDE outside [t_ε, T] (for VP, σ² < 0 below t = 0).
+    Times before the last are read off the solver's dense output and cost no steps."""
     if method in FIXED_STEP_METHODS:
         return {"step_size": float(abs(times[-1] - times[0])) / 100}
-    return {"step_t": times}
+    if method in ADAPTIVE_METHODS:
+        return {"step_t": times[-1:]}
+    return {}

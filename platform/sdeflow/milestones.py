@@ -7,7 +7,8 @@ from typing import Any
 
 from .evaluate import format_results
 from .figures import image_for_tensorboard
-from .results import headline, record
+from .quality import format_quality, parse_metrics, run_quality
+from .results import headline, record, record_quality
 from .runlog import RunLog, flatten
 from .runs import Run
 
@@ -42,6 +43,19 @@ def record_final(run: Run, split: str, results: dict[str, Any], step: int) -> No
     """A final split's results into eval.json (as soon as that split is done) and on stdout."""
     record(run.run_dir, results, step=step, seed=run.exp.seed)
     print(f"{split}:\n{format_results(results, run.data.kind)}")
+
+
+def quality(run: Run, log: RunLog | None, step: int) -> None:
+    """``eval.metrics`` (SWD, MMD with their floors) of the final samples against the test split."""
+    names = parse_metrics(run.exp.eval.metrics)
+    if not names:
+        return
+    values, settings = run_quality(run, names, split="test", seed=run.exp.seed)
+    record_quality(run.run_dir, "test", values, step=step, seed=run.exp.seed, settings=settings)
+    print(f"test sample quality:\n{format_quality(values, 'test')}")
+    if log:
+        log.log(step, split="test", **{f"test_{name}": q["value"] for name, q in values.items()},
+                **{f"test_{name}_floor": q["floor"] for name, q in values.items()})
 
 
 def samples(run: Run, log: RunLog | None, step: int) -> None:

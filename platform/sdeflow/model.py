@@ -51,16 +51,23 @@ class DiffusionModel(nn.Module):
         return self.sde.prior_sample(shape, generator=generator, device=device)
 
 
+class GivenScore(Parameterization):
+    """A parameterization by a given function s(y, t) instead of a network: a = g s (MATH.md §5)."""
+
+    def __init__(self, sde: SDE, score_fn):
+        super().__init__(nn.Identity(), sde)
+        self.score_fn = score_fn
+
+    def score(self, y: Tensor, t: Tensor) -> Tensor:
+        return self.score_fn(y, t)
+
+    def drift(self, y: Tensor, t: Tensor) -> Tensor:
+        return bcast(self.sde.g(t), y) * self.score_fn(y, t)
+
+
 class ExactScoreModel(DiffusionModel):
     """A model whose score is a given function s(y, t): the oracle for tests and sanity checks."""
 
     def __init__(self, sde: SDE, score_fn):
-        nn.Module.__init__(self)
-        self.sde = sde
+        super().__init__(sde, GivenScore(sde, score_fn))
         self.score_fn = score_fn
-
-    def s(self, y: Tensor, t: Tensor) -> Tensor:
-        return self.score_fn(y, t)
-
-    def a(self, y: Tensor, t: Tensor) -> Tensor:
-        return bcast(self.sde.g(t), y) * self.s(y, t)

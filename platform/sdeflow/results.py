@@ -142,10 +142,29 @@ def record(run_dir: str | Path, results: Mapping[str, Mapping[str, Any]], *, ste
     return entries
 
 
+def record_quality(run_dir: str | Path, split: str, quality: Mapping[str, Mapping[str, Any]], *, step: int,
+                   seed: int, settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Merge sample-quality metrics ({metric: {value, floor, n}}) into eval.json's ``quality`` section,
+    by split and metric, with the step, seed and sampler settings that produced them."""
+    entries = {name: {**q, "split": split, "step": step, "seed": seed, "settings": dict(settings)}
+               for name, q in quality.items()}
+    for name, entry in entries.items():
+        if not all(math.isfinite(entry[k]) for k in ("value", "floor")):
+            raise SdeflowError(f"{run_dir}: {name} on {split} is not finite; nothing was recorded")
+    with merge_lock(run_dir):
+        data = read_eval(run_dir)
+        data.setdefault("quality", {}).setdefault(split, {}).update(entries)
+        write_text_atomic(Path(run_dir) / EVAL_FILE, json.dumps(_ordered(data), indent=2) + "\n")
+    return entries
+
+
 def _ordered(data: dict[str, Any]) -> dict[str, Any]:
-    """format, then the headline splits in a fixed order, then results (the easy reading order)."""
+    """format, then the headline splits in a fixed order, then sample quality, then results (the easy
+    reading order)."""
     out = {"format": FORMAT}
     out.update({split: data[split] for split in SPLITS if split in data})
+    if "quality" in data:
+        out["quality"] = data["quality"]
     out["results"] = data["results"]
     return out
 

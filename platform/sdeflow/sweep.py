@@ -6,12 +6,7 @@ grid values, and the command line's ``key=value`` overrides (the user's last wor
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import itertools
-import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,19 +14,13 @@ from typing import Any
 import attrs
 
 from .build import check_experiment
-from .checkpoint import write_text_atomic
 from .config import Experiment, apply_overrides, parse_override, read_yaml, structure
 from .distributed import DistContext, init_from_env, shutdown
 from .errors import ConfigError, SdeflowError
 from .preemption import Stopped
 from .registry import Registry, default_registry
-from .results import headline, per_example
-from .runfolder import LAST
-from .runlog import read_metrics
 from .runs import resolve_device
-from .transforms import mean_and_se
-
-BASE = "base"
+from .summary import BASE, finished, own_settings_variant, write_plan, write_summary
 
 
 @attrs.define
@@ -94,14 +83,6 @@ def prepare(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str]
     return variants
 
 
-def finished(run_dir: Path, steps: int) -> bool:
-    """Trained to ``steps`` and evaluated on the test split at that step (eval.json's headline)."""
-    if not (run_dir / LAST).exists():
-        return False
-    entries = headline(run_dir, "test")
-    return bool(entries) and min(e.get("step", 0) for e in entries.values()) >= steps
-
-
 def run_sweep(path: str | Path, runs_dir: str | Path | None = None, overrides: Sequence[str] = (),
               only: Sequence[str] | None = None, launcher: str | None = None, jobs: int | None = None) -> Path:
     """Check every variant, run the unfinished ones with the launcher (the YAML's ``launcher:`` section,
@@ -162,251 +143,3 @@ def _run_variants(data, source: str, variants: list[Variant], runs_dir: Path, cf
         raise VariantsFailed(f"{len(failed)} variant(s) failed: " + "; ".join(
             f"{o['variant']}: {o.get('message', '')}" for o in failed) + f" (the others are in {runs_dir})")
     return runs_dir
-
-
-# ---------------------------------------------------------------- summary
-
-PLAN_FILE = "sweep.json"
-"""The sweep's variants in the experiment's order, with their changes: the summary's source of truth."""
-
-COLUMNS = ["variant", "changes", "steps", "wall_s", "it_per_s", "final_loss",
-           "val_bpd", "val_bpd_se", "val_delta", "val_delta_se_paired", "val_delta_se_indep", "val_rank",
-           "test_bpd", "test_bpd_se", "test_delta", "test_delta_se_paired", "test_delta_se_indep", "paired_n"]
-"""Each bpd column names its split; deltas are to the baseline on the same examples; ``*_se_paired`` is
-std(bpd_variant,i − bpd_base,i)/√n over common examples and random streams (MATH.md §10),
-``*_se_indep`` √(se² + se_base²) as if the two evaluations were independent; ``val_rank`` ranks by
-validation bpd (1 = best), so a variant is chosen on val and reported on test."""
-
-
-def own_settings_variant(data: Mapping[str, Any], variants: Sequence[Variant]) -> str:
-    """The baseline: ``base`` when the experiment has one, else the variant whose grid point repeats the
-    file's own settings (``drift-vp`` for a file saying drift and vp), else the first variant."""
-    names = [v.name for v in variants]
-    if BASE in names:
-        return BASE
-    missing = object()
-
-    def lookup(dotted: str) -> Any:
-        node: Any = data
-        for part in dotted.split("."):
-            node = node.get(part, missing) if isinstance(node, Mapping) else missing
-        return node
-
-    own = [v.name for v in variants if v.changes and all(lookup(k) == value for k, value in v.changes.items())]
-    return own[0] if own else names[0]
-
-
-def write_plan(runs_dir: Path, variants: Sequence[Variant], baseline: str = BASE) -> Path:
-    plan = {"baseline": baseline, "variants": [{"name": v.name, "changes": v.changes} for v in variants]}
-    path = Path(runs_dir) / PLAN_FILE
-    if path.exists():  # a rerun with --only keeps the full plan's order, adding what is new
-        old = json.loads(path.read_text())
-        known = {v["name"] for v in old["variants"]}
-        plan["variants"] = old["variants"] + [v for v in plan["variants"] if v["name"] not in known]
-    write_text_atomic(path, json.dumps(plan, indent=2, default=str) + "\n")
-    return path
-
-
-def read_plan(runs_dir: Path) -> dict[str, Any]:
-    """sweep.json, or for a folder without one, the variants found (``base`` first, then by name) with
-    the changes recovered from their config.yaml files."""
-    path = runs_dir / PLAN_FILE
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SdeflowError(f"{path}: not valid JSON ({e.msg}); delete it to summarise from the runs' "
-                               "configs") from None
-    changes = _changes_from_configs(runs_dir)
-    names = sorted(changes, key=lambda n: (n != BASE, n))
-    return {"baseline": BASE if BASE in changes else None,
-            "variants": [{"name": n, "changes": changes[n]} for n in names]}
-
-
-def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
-    train_records = [r for r in read_metrics(run_dir) if "loss" in r]
-    last = train_records[-1] if train_records else {}
-    wall = last.get("elapsed_s")
-    row = {"variant": run_dir.name, "changes": " ".join(f"{k}={v}" for k, v in changes.items()) or "-",
-           "steps": last.get("step"), "wall_s": wall,
-           "it_per_s": (last.get("step") / wall) if wall else None, "final_loss": last.get("loss")}
-    for split in ("val", "test"):
-        entry = _main(headline(run_dir, split))
-        row[f"{split}_bpd"], row[f"{split}_bpd_se"] = entry.get("bpd"), entry.get("bpd_se")
-        row[f"_{split}_entry"] = entry
-    return row
-
-
-def _main(entries: Mapping[str, Any]) -> dict[str, Any]:
-    """The entry a summary reports: the ELBO, else the first bpd estimate (never the data's exact one)."""
-    if "elbo" in entries:
-        return entries["elbo"]
-    return next((e for name, e in entries.items() if name != "exact" and "bpd" in e), {})
-
-
-def paired_difference(run_a: Path, entry_a: Mapping[str, Any], run_b: Path, entry_b: Mapping[str, Any]
-                      ) -> tuple[float, float, int] | None:
-    """(mean of bpd_a,i − bpd_b,i, its paired s.e., n) over the examples both evaluated; None when
-    either has no per-example record or they share no example."""
-    if "per_example" not in entry_a or "per_example" not in entry_b:
-        return None
-    try:
-        a, b = per_example(run_a, entry=entry_a), per_example(run_b, entry=entry_b)
-    except (SdeflowError, ValueError, IndexError):  # a missing or damaged record: no paired s.e.
-        return None
-    common, ia, ib = _intersect(a["index"], b["index"])
-    if common == 0:
-        return None
-    mean, se = mean_and_se(a["bpd"][ia] - b["bpd"][ib])
-    return mean, se, common
-
-
-def _intersect(x, y):
-    import torch
-
-    shared = torch.tensor(sorted(set(x.tolist()) & set(y.tolist())), dtype=torch.long)
-    if shared.numel() == 0:
-        return 0, None, None
-    return shared.numel(), torch.searchsorted(x, shared), torch.searchsorted(y, shared)
-
-
-def summary_rows(runs_dir: Path, baseline: str | None = None) -> list[dict[str, Any]]:
-    """One row per variant of the plan that has a run folder, in the plan's order; differences to the
-    baseline (``base``, or ``baseline``) with paired and independent standard errors."""
-    plan = read_plan(runs_dir)
-    rows = [_row(runs_dir / v["name"], v["changes"]) for v in plan["variants"]
-            if (runs_dir / v["name"] / "metrics.jsonl").exists()]
-    if not rows:
-        raise SdeflowError(f"{runs_dir}: no variant runs found (no */metrics.jsonl)")
-    names = [r["variant"] for r in rows]
-    baseline = baseline or plan.get("baseline")
-    if baseline not in names:
-        given = f"'{baseline}' is not among them" if baseline else "none is named 'base'"
-        raise SdeflowError(f"{runs_dir}: no baseline run ({given}); name one with --baseline NAME "
-                           f"(variants: {', '.join(names)})")
-    base = rows[names.index(baseline)]
-    for r in rows:
-        for split in ("val", "test"):
-            _deltas(runs_dir, r, base, split)
-    ranked = sorted((r for r in rows if r["val_bpd"] is not None), key=lambda r: r["val_bpd"])
-    for r in rows:
-        r["val_rank"] = ranked.index(r) + 1 if r in ranked else None
-    for r in rows:
-        r.pop("_val_entry"), r.pop("_test_entry")
-    return rows
-
-
-def _deltas(runs_dir: Path, row: dict[str, Any], base: dict[str, Any], split: str) -> None:
-    keys = [f"{split}_delta", f"{split}_delta_se_paired", f"{split}_delta_se_indep"]
-    row.update(dict.fromkeys(keys))
-    if row[f"{split}_bpd"] is None or base[f"{split}_bpd"] is None:
-        return
-    row[keys[0]] = row[f"{split}_bpd"] - base[f"{split}_bpd"]
-    row[keys[2]] = math.sqrt(row[f"{split}_bpd_se"] ** 2 + base[f"{split}_bpd_se"] ** 2)
-    if row is base:
-        row[keys[0]], row[keys[1]], row[keys[2]] = 0.0, 0.0, 0.0
-        if split == "test":
-            row["paired_n"] = row[f"_{split}_entry"].get("n")
-        return
-    paired = paired_difference(runs_dir / row["variant"], row[f"_{split}_entry"],
-                               runs_dir / base["variant"], base[f"_{split}_entry"])
-    if paired is not None:
-        row[keys[0]], row[keys[1]] = paired[0], paired[1]
-        if split == "test":
-            row["paired_n"] = paired[2]
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def write_summary(runs_dir: str | Path, baseline: str | None = None) -> list[dict]:
-    """summary.csv, summary.md and bpd.png in ``runs_dir``, from sweep.json and the runs' eval.json files;
-    the same runs always give the same bytes."""
-    runs_dir = Path(runs_dir)
-    rows = summary_rows(runs_dir, baseline)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
-    write_text_atomic(runs_dir / "summary.csv", table.getvalue())
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    base = baseline or read_plan(runs_dir).get("baseline")
-    note = (f"\nDeltas are to '{base}' on the same examples with the same random streams; paired s.e. = "
-            "std of per-example differences / √n, indep. = √(se² + se_base²). val_rank ranks by "
-            "validation bpd; report the test columns of the variant chosen on val.\n")
-    unfinished = [f"{name} ({state})" for name, state in status_rows(runs_dir) if state != "done"]
-    if unfinished:
-        note += f"\nNot finished (their rows, if any, are partial): {', '.join(unfinished)}.\n"
-    write_text_atomic(runs_dir / "summary.md", "\n".join(lines) + "\n" + note)
-    plot_bpd(runs_dir, rows)
-    print("\n".join(lines))
-    if unfinished:
-        print(f"not finished: {', '.join(unfinished)}")
-    return rows
-
-
-def _changes_from_configs(runs_dir: Path) -> dict[str, dict[str, Any]]:
-    """What each variant changed relative to base, recovered from the runs' config.yaml files."""
-    from .runlog import flatten
-
-    configs = {p.name: flatten(read_yaml(p / "config.yaml")) for p in runs_dir.iterdir()
-               if (p / "config.yaml").exists()}
-    base = configs.get(BASE, {})
-    skip = ("name", "plugins.", "history")
-    return {name: {k: v for k, v in cfg.items() if base.get(k) != v and not k.startswith(skip)}
-            for name, cfg in configs.items()}
-
-
-def plot_bpd(runs_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path | None:
-    """Left: periodic bpd vs step (±1 s.e. bands), one line per variant. Right: each variant's final
-    test Δbpd to the baseline with ±2 paired s.e. (dark) and ±2 independent s.e. (light)."""
-    from .figures import new_figure, save_figure
-
-    fig, (curves, deltas) = new_figure(2, size=5.5)
-    drawn = False
-    for row in rows:
-        evals = [r for r in read_metrics(runs_dir / row["variant"]) if "bpd" in r]
-        if not evals:
-            continue
-        steps = [r["step"] for r in evals]
-        bpd = [r["bpd"] for r in evals]
-        se = [r.get("bpd_se", 0.0) for r in evals]
-        curves.plot(steps, bpd, marker="o", label=row["variant"])
-        curves.fill_between(steps, [b - s for b, s in zip(bpd, se)], [b + s for b, s in zip(bpd, se)], alpha=0.2)
-        drawn = True
-    with_delta = [r for r in rows if r.get("test_delta") is not None]
-    if not drawn and not with_delta:
-        return None
-    split = {r.get("split", "val") for row in rows for r in read_metrics(runs_dir / row["variant"]) if "bpd" in r}
-    curves.set_xlabel("step")
-    curves.set_ylabel(f"{'/'.join(sorted(split)) or 'val'} bits per dimension (±1 s.e.)")
-    if drawn:
-        curves.legend(fontsize="small")
-    for y, row in enumerate(with_delta):
-        indep, paired = row["test_delta_se_indep"] or 0.0, row["test_delta_se_paired"]
-        deltas.errorbar(row["test_delta"], y, xerr=2 * indep, fmt="none", ecolor="0.75", elinewidth=6)
-        if paired is not None:
-            deltas.errorbar(row["test_delta"], y, xerr=2 * paired, fmt="o", color="C0", capsize=3)
-    deltas.axvline(0.0, color="k", lw=0.5)
-    deltas.set_yticks(range(len(with_delta)), [r["variant"] for r in with_delta], fontsize="small")
-    deltas.set_xlabel("test Δbpd to baseline (±2 s.e.: paired dark, independent light)")
-    return save_figure(fig, runs_dir / "bpd.png")
-
-
-def status_rows(runs_dir: Path) -> list[tuple[str, str]]:
-    """(variant, state) for every variant of the sweep's plan, in its order."""
-    from .launchers import variant_state
-
-    rows = []
-    for v in read_plan(runs_dir)["variants"]:
-        run_dir = runs_dir / v["name"]
-        steps = None
-        if (run_dir / "config.yaml").exists():
-            with contextlib.suppress(SdeflowError):
-                steps = (read_yaml(run_dir / "config.yaml").get("train") or {}).get("steps")
-        rows.append((v["name"], variant_state(run_dir, steps, bool(steps) and finished(run_dir, steps))))
-    return rows

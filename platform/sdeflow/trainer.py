@@ -315,6 +315,8 @@ class Trainer:
             if self.ctx.is_main:
                 milestones.record_final(self.run, split, results[split], self.step)
         self.samples()
+        if self.ctx.is_main:
+            milestones.quality(self.run, self.log, self.step)
         if self.log:
             milestones.hparams(self.run, self.log, results)
         return results
