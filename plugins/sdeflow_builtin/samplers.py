@@ -221,9 +221,14 @@ class DPMSolver(OnGrid):
     prediction x̂₀ from the score and λ = log(m/σ), so it serves any SDE with Y_t | x ~ N(m x, σ² I).
 
     Each step integrates the ODE's linear part exactly and x̂₀ by its interpolating polynomial in λ
-    through the last ``order`` evaluations; the first steps use as many as there are (order 1, 2, …).
-    Order 1 is DDIM. ``nfe``: one network evaluation per step.
+    through the last ``order`` evaluations; the first steps use as many as there are (order 1, 2, …),
+    and with fewer than ``LOWER_ORDER_FINAL_BELOW`` steps the last ones lower the order again, as
+    DPM-Solver++ does (on the shipped Swiss-roll model, order 3 at 5 steps: SWD 1.74 without, 0.84
+    with; order 2 at 5 steps: 0.27 without, 0.36 with; from 10 steps on both are near the ODE's
+    converged 0.100). Order 1 is DDIM. ``nfe``: one network evaluation per step.
     """
+
+    LOWER_ORDER_FINAL_BELOW = 10
 
     lam = 1.0
 
@@ -245,7 +250,10 @@ class DPMSolver(OnGrid):
         for i in range(len(times) - 1):
             lams = [*lams, lam[i]][-self.order:]
             preds = [*preds, data_prediction(model, x, float(times[i]), m[i], sigma[i])][-self.order:]
-            x = dpm_solver_pp_step(x, sigma[i + 1] / sigma[i], m[i + 1], lam[i + 1] - lam[i], lams, preds)
+            k = len(lams)
+            if len(times) - 1 < self.LOWER_ORDER_FINAL_BELOW:
+                k = min(k, len(times) - 1 - i)  # order 1 on the last step, 2 on the one before, …
+            x = dpm_solver_pp_step(x, sigma[i + 1] / sigma[i], m[i + 1], lam[i + 1] - lam[i], lams[-k:], preds[-k:])
             if callback is not None:
                 callback(i + 1, ts[i + 1], x)
         self.nfe = len(times) - 1
