@@ -23,5 +23,6 @@ def test_readme_python_section_runs(monkeypatch, capsys):
     for block in blocks:
         exec(compile(block, "README.md (Python section)", "exec"), namespace)
     assert namespace["run"].step == 300
+    assert namespace["fast"].shape == (1000, 2) and namespace["quality"]["swd"]["floor"] > 0
     out = capsys.readouterr().out
     assert re.search(r"\d\.\d{3} ± \d\.\d{3} bits/dim", out)

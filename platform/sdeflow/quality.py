@@ -7,7 +7,6 @@ MMD, each reported with its floor, the same metric between two disjoint halves o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -101,6 +100,10 @@ def _flat(x: Tensor) -> Tensor:
 
 
 def format_quality(quality: dict[str, dict[str, float]], split: str) -> str:
-    return "\n".join(f"{name:>5}: {q['value']:.4f}   (floor {q['floor']:.4f}: two halves of {split}, "
-                     f"n={q['n']}; {q['value'] / q['floor']:.2f}× the floor)" if q["floor"] > 0 and math.isfinite(
-                         q["floor"]) else f"{name:>5}: {q['value']:.4f}" for name, q in quality.items())
+    """One line a metric: its value, its floor and (when the floor is positive) their ratio."""
+    lines = []
+    for name, q in quality.items():
+        ratio = f"; {q['value'] / q['floor']:.2f}× the floor" if q["floor"] > 0 else ""
+        floor = f"floor {q['floor']:.4f}: two halves of {split}, n={q['n']}{ratio}"
+        lines.append(f"{name:>5}: {q['value']:.4f}   ({floor})")
+    return "\n".join(lines)
