@@ -222,6 +222,8 @@ class Sampler(abc.ABC):
     """
 
     steps: int
+    nfe: int = 0
+    """Network evaluations of the last ``sample`` call (the cost a sampler is compared by)."""
 
     def time_grid(self, sde: SDE, steps: int | None = None) -> Tensor:
         """The default grid: ``steps`` equal intervals from T down to t_ε."""
