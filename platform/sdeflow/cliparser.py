@@ -106,7 +106,8 @@ def _eval(p: argparse.ArgumentParser) -> None:
 def _sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder written by sdeflow train")
     p.add_argument("--num", type=positive_int, help="number of samples (default: sample.num)")
-    p.add_argument("--lam", type=float, help="λ of the λ-family: 0 reverse SDE … 1 ODE (default: sampler.lam)")
+    p.add_argument("--lam", type=float, help="λ of the λ-family: 0 reverse SDE … 1 ODE "
+                                             "(default: sample.lam, else the sampler's lam)")
     p.add_argument("--sampler", help="another registered sampler by name, with its defaults "
                                      "(default: the experiment's)")
     p.add_argument("--steps", type=positive_int, help="sampler steps (default: sample.steps, else the sampler's)")
