@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+import sdeflow
 from helpers_exp import assert_one_line_error, run_cli, write_experiment
-from sdeflow.errors import InvalidArgument
+from sdeflow.errors import ConfigError, InvalidArgument
 from sdeflow.quality import mmd, parse_metrics, sample_quality, sliced_wasserstein
 
 
@@ -76,3 +77,9 @@ def test_eval_metrics_records_value_and_floor_and_training_reports_them(tmp_path
     assert saved["test"]["elbo"]["bpd"] > 0  # the likelihood results are kept beside them
     status, _, err = run_cli(capsys, "check", path, "eval.metrics=swd,fid")
     assert_one_line_error(status, err, "eval.metrics", "unknown metric 'fid'")
+    before = (run / "eval.json").read_bytes()
+    status, _, err = run_cli(capsys, "eval", run, "--metrics", "swdd")
+    assert_one_line_error(status, err, "--metrics: unknown metric 'swdd'")
+    assert (run / "eval.json").read_bytes() == before  # refused before anything was evaluated
+    with pytest.raises(ConfigError, match="^metrics: unknown metric 'swdd'"):
+        sdeflow.open_run(run).quality("swdd")

@@ -233,7 +233,10 @@ class Run:
         """Sample quality (``sdeflow eval --metrics``): {metric: {value, floor, n}} of ``n`` samples
         (default ``sample.num``) against ``split``, the floor being two held-out halves; recorded in
         eval.json's ``quality`` section with ``save``."""
-        values, settings = run_quality(self._run, parse_metrics(metrics), split=split, n=n, seed=seed)
+        try:
+            values, settings = run_quality(self._run, parse_metrics(metrics), split=split, n=n, seed=seed)
+        except InvalidArgument as e:
+            raise ConfigError(f"{e.argument}: {e.message}") from None
         if show:
             print(format_quality(values, split))
         if save:

@@ -22,10 +22,11 @@ from .build import advice, build_parts, require_lambda_sampler
 from .cliparser import EXIT_USER_ERROR
 from .config import load_experiment, parse_override, read_experiment_data
 from .distributed import init_from_env, shutdown
-from .errors import ConfigError, SdeflowError, blame_overrides, did_you_mean
+from .errors import ConfigError, InvalidArgument, SdeflowError, blame_overrides, did_you_mean
 from .hookspecs import KINDS
 from .memory import bytes_per_example, check_batch_fits
 from .preemption import Stopped
+from .quality import parse_metrics
 from .registry import default_registry, plugin_components
 from .runfolder import recorded_plugins
 from .runs import resolve_device
@@ -115,6 +116,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        parse_metrics(args.metrics or "")  # before the evaluation, not after it
+    except InvalidArgument as e:
+        raise ConfigError(f"--metrics: {e.message}") from None
     run = open_run(args.run_dir)
     results = run.evaluate(args.split, estimator=args.estimator, max_examples=args.max_examples,
                            samples=args.samples_per_example, time_sampler=args.time_sampler,
