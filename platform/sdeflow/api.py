@@ -27,8 +27,7 @@ from .build import advice, check_experiment
 from .config import Experiment, apply_overrides, check_component, load_experiment, structure
 from .data import num_examples, take
 from .errors import ConfigError, InvalidArgument, SdeflowError, blame_overrides
-from .estimators import prepare_all
-from .evaluate import batch_generator, format_results, pilot_batch, summarize
+from .evaluate import batch_nll, format_results, prepare_on_pilot, summarize
 from .figures import image_grid, new_figure, samples_figure, trajectories_figure
 from .quality import format_quality, parse_metrics, run_quality
 from .registry import INJECTED, default_registry
@@ -204,15 +203,12 @@ class Run:
         estimators = run.estimators(estimator, samples=samples)
         if len(estimators) != 1:
             raise SdeflowError(f"estimator: one name, got {estimator!r} (Run.evaluate takes several)")
-        (name, estimate), = estimators.items()
-        device = run.device
-        if getattr(estimate, "needs_pilot", False):
-            prepare_all(estimators, self.ema, pilot_batch(run.data, run.exp.eval.pilot_examples, seed, device),
-                        seed=seed)
-        z, log_det = run.data.transform.forward(x.to(device), generator=batch_generator(device, seed, 0))
-        nll = -estimate(self.ema, z, batch_generator(device, seed, 0, name)).double()
-        dim = math.prod(run.data.shape)
-        return summarize(nll, log_det.double(), dim, run.data.transform.bits_offset)["examples"]
+        prepare_on_pilot(estimators, self.ema, run.data, pilot_examples=run.exp.eval.pilot_examples, seed=seed,
+                         device=run.device)
+        nll, log_det = batch_nll(self.ema, run.data.transform, estimators, x.to(run.device), batch=0, seed=seed,
+                                 device=run.device)
+        (values,) = nll.values()
+        return summarize(values, log_det, math.prod(run.data.shape), run.data.transform.bits_offset)["examples"]
 
     def evaluate(self, split: str = "test", *, estimator: str | None = None, max_examples: int | None = None,
                  samples: int | None = None, time_sampler: str | None = None, batch_size: int | None = None,

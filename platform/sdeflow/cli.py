@@ -17,8 +17,8 @@ import yaml
 
 from . import __version__, cliparser
 from .allocator import keep_freed_memory
-from .api import experiment, open_run
-from .build import advice, build_parts, require_lambda_sampler
+from .api import SdeflowAdvice, experiment, open_run
+from .build import require_lambda_sampler
 from .cliparser import EXIT_USER_ERROR
 from .config import load_experiment, parse_override, read_experiment_data
 from .distributed import init_from_env, shutdown
@@ -80,10 +80,13 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    exp = experiment(args.experiment, overrides_of(args), where=COMMAND_LINE)
+    with warnings.catch_warnings(record=True) as advised:  # the advice experiment() gives, said once here
+        warnings.simplefilter("always", SdeflowAdvice)
+        exp = experiment(args.experiment, overrides_of(args), where=COMMAND_LINE)
     print(yaml.safe_dump(exp.to_dict(), sort_keys=False), end="")
-    for line in advice(exp, build_parts(exp)):
-        print(f"sdeflow: warning: {line}", file=sys.stderr)
+    for w in advised:
+        if issubclass(w.category, SdeflowAdvice):
+            print(f"sdeflow: warning: {w.message}", file=sys.stderr)
     return 0
 
 
@@ -95,11 +98,11 @@ def overrides_of(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    data = read_experiment_data(args.experiment, overrides_of(args))
+    overrides = overrides_of(args)
+    data = read_experiment_data(args.experiment, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(str(data.get("name", Path(args.experiment).stem)))
     # A name that two plugins now register resolves as this run recorded it.
     prefer = {} if args.restart else recorded_plugins(run_dir)
-    overrides = overrides_of(args)
     try:
         exp = load_experiment(args.experiment, overrides, prefer=prefer)
         ctx = init_from_env(resolve_device(exp.device, exp.source))

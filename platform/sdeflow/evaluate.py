@@ -21,7 +21,7 @@ from .data import eval_batches, num_examples, take
 from .distributed import DistContext
 from .errors import SdeflowError
 from .estimators import make_estimators, prepare_all
-from .interfaces import DataBundle, TimeSampler
+from .interfaces import DataBundle, DataTransform, TimeSampler
 from .transforms import bits_per_dim, mean_and_se
 
 Estimator = Callable[[Any, Tensor, torch.Generator], Tensor]
@@ -90,8 +90,7 @@ def evaluate(
     examples = getattr(data, split, None)
     if examples is None:
         raise SdeflowError(f"the data set has no {split} split")
-    if any(getattr(e, "needs_pilot", False) for e in estimators.values()):
-        prepare_all(estimators, model, pilot_batch(data, pilot_examples, seed, device), seed=seed)
+    prepare_on_pilot(estimators, model, data, pilot_examples=pilot_examples, seed=seed, device=device)
     dim = math.prod(data.shape)
     rows: dict[str, list[Tensor]] = {name: [] for name in estimators}
     seconds = dict.fromkeys(estimators, 0.0)
@@ -100,12 +99,11 @@ def evaluate(
         if b % ctx.world != ctx.rank:
             continue
         x = x.to(device)
-        z, log_det = data.transform.forward(x, generator=batch_generator(device, seed, b))
-        for name, estimate in estimators.items():
-            start = _now(device)
-            rows[name].append(-estimate(model, z, batch_generator(device, seed, b, name)).double())
-            seconds[name] += _now(device) - start
-        log_dets.append(log_det.double())
+        nll, log_det = batch_nll(model, data.transform, estimators, x, batch=b, seed=seed, device=device,
+                                 seconds=seconds)
+        for name, values in nll.items():
+            rows[name].append(values)
+        log_dets.append(log_det)
         index.append(torch.arange(b * batch_size, b * batch_size + x.shape[0], device=device))
         if data.log_prob is not None:
             exact.append(-data.log_prob(x).double())
@@ -118,6 +116,28 @@ def evaluate(
         entry["split"] = split
         entry["full"] = entry["n"] == total
     return out
+
+
+def prepare_on_pilot(estimators: dict[str, Estimator], model, data: DataBundle, *, pilot_examples: int, seed: int,
+                     device: torch.device) -> None:
+    """Fit what the estimators fit (``prepare``) on the pilot batch, when any of them has something to fit."""
+    if any(getattr(e, "needs_pilot", False) for e in estimators.values()):
+        prepare_all(estimators, model, pilot_batch(data, pilot_examples, seed, device), seed=seed)
+
+
+def batch_nll(model, transform: DataTransform, estimators: dict[str, Estimator], x: Tensor, *, batch: int, seed: int,
+              device: torch.device, seconds: dict[str, float] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Batch number ``batch`` of an evaluation, x in data space: ({estimator: −(bound on) log p(z) per
+    example}, log|det ∂z/∂x|), both float64. The transform's and each estimator's draws come from
+    their own streams of (seed, batch), so a batch gets the same numbers alone or inside a split."""
+    z, log_det = transform.forward(x, generator=batch_generator(device, seed, batch))
+    nll = {}
+    for name, estimate in estimators.items():
+        start = _now(device)
+        nll[name] = -estimate(model, z, batch_generator(device, seed, batch, name)).double()
+        if seconds is not None:
+            seconds[name] += _now(device) - start
+    return nll, log_det.double()
 
 
 def _summaries(ctx: DistContext, device, rows: dict[str, list[Tensor]], log_dets: list[Tensor],

@@ -131,15 +131,22 @@ def record(run_dir: str | Path, results: Mapping[str, Mapping[str, Any]], *, ste
             entry["per_example"] = f"{EXAMPLES_DIR}/{key}.csv"
             write_text_atomic(run_dir / entry["per_example"], examples_csv(examples))
         entries[estimator] = entry
-    with merge_lock(run_dir):
-        data = read_eval(run_dir)
+    with merged(run_dir) as data:
         for estimator, entry in entries.items():
             data["results"][entry["key"]] = entry
             best = data.setdefault(entry["split"], {}).get(estimator)
             if entry.get("full") and (best is None or entry["step"] >= best.get("step", 0)):
                 data[entry["split"]][estimator] = entry
-        write_text_atomic(run_dir / EVAL_FILE, json.dumps(_ordered(data), indent=2) + "\n")
     return entries
+
+
+@contextlib.contextmanager
+def merged(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """eval.json, read under the merge lock, to change in place; written back atomically on exit."""
+    with merge_lock(run_dir):
+        data = read_eval(run_dir)
+        yield data
+        write_text_atomic(Path(run_dir) / EVAL_FILE, json.dumps(_ordered(data), indent=2) + "\n")
 
 
 def record_quality(run_dir: str | Path, split: str, quality: Mapping[str, Mapping[str, Any]], *, step: int,
@@ -151,10 +158,8 @@ def record_quality(run_dir: str | Path, split: str, quality: Mapping[str, Mappin
     for name, entry in entries.items():
         if not all(math.isfinite(entry[k]) for k in ("value", "floor")):
             raise SdeflowError(f"{run_dir}: {name} on {split} is not finite; nothing was recorded")
-    with merge_lock(run_dir):
-        data = read_eval(run_dir)
+    with merged(run_dir) as data:
         data.setdefault("quality", {}).setdefault(split, {}).update(entries)
-        write_text_atomic(Path(run_dir) / EVAL_FILE, json.dumps(_ordered(data), indent=2) + "\n")
     return entries
 
 

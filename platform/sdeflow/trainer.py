@@ -68,19 +68,20 @@ class Trainer:
 
     def __init__(self, run: Run, *, restart: bool = False, allow_changes: bool = False, reevaluate: bool = False):
         self.run, self.exp, self.ctx = run, run.exp, run.ctx
+        self.say = notice if self.ctx.is_main else _quiet  # rank 0 speaks for all
         cfg = self.exp.train
         self.optimizer = adam(run.model.parameters(), cfg.lr)
         self.step = 0
         self.elapsed = 0.0  # seconds spent in training steps, across resumes
         self.raw_network = run.model.parameterization.network
-        self.autocast = autocast_for(self.exp.precision, run.device, notice if self.ctx.is_main else _quiet)
+        self.autocast = autocast_for(self.exp.precision, run.device, self.say)
         self.allow_changes, self.reevaluate = allow_changes, reevaluate
-        self.stop = StopRequests(notice if self.ctx.is_main else _quiet)
+        self.stop = StopRequests(self.say)
         self.save_timer = Timer(self.exp.train.checkpoint_minutes)
         self.saved_step: int | None = None
         self.lock = RunLock(run.run_dir)
-        for line in advice(self.exp, run.parts) if self.ctx.is_main else ():
-            notice(f"warning: {line}")
+        for line in advice(self.exp, run.parts):
+            self.say(f"warning: {line}")
         self.log: RunLog | None = None
         problem = None
         try:
@@ -100,13 +101,13 @@ class Trainer:
         self.ema = EMA(run.ema, run.model, cfg.ema, cfg.ema_warmup)  # before DDP and compile wrap the network
         self.ddp_network = self.ctx.wrap(self.raw_network)  # one DDP wrapper for the whole run
         self.compiled = CompiledNetwork(run.model.parameterization, self.ddp_network, self.exp.train.compile,
-                                        notice if self.ctx.is_main else _quiet)
+                                        self.say)
 
     # ------------------------------------------------------------------ set-up
 
     def _prepare_folder(self, restart: bool) -> None:
         """Take the folder (rank 0), check what changed, resume, and write config.yaml with its history."""
-        run_dir, say = self.run.run_dir, notice if self.ctx.is_main else _quiet
+        run_dir = self.run.run_dir
         problem = None
         if self.ctx.is_main:
             try:
@@ -117,10 +118,11 @@ class Trainer:
                 problem = write_error(run_dir, e)
         if self.ctx.any(problem is not None):  # every rank stops, not just the one that found out
             raise problem or SdeflowError(f"{run_dir}: rank 0 could not take the run folder")
-        changes = (check_changes(run_dir, self.exp, self.run.registry, allow_changes=self.allow_changes, notice=say)
+        changes = (check_changes(run_dir, self.exp, self.run.registry, allow_changes=self.allow_changes,
+                                 notice=self.say)
                    if (run_dir / CONFIG_FILE).exists() else {})
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device.
-        restore(run_dir, self._resume, say, set_aside=self.ctx.is_main)
+        restore(run_dir, self._resume, self.say, set_aside=self.ctx.is_main)
         self.ctx.barrier()  # every rank has read the old config and checkpoint before rank 0 replaces them
         if self.ctx.is_main and not self.nothing_to_do():
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,8 +141,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
-        if self.ctx.is_main:
-            notice(f"resuming {self.run.run_dir} from step {self.step}")
+        self.say(f"resuming {self.run.run_dir} from step {self.step}")
 
     def _open_log(self) -> RunLog:
         log = RunLog(self.run.run_dir, tensorboard=self.exp.logging.tensorboard, purge_step=self.step + 1)

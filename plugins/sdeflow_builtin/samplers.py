@@ -17,7 +17,7 @@ from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import SDE, Sampler, bcast, flat_sum, randn_like
 from sdeflow.likelihood import check_method, ode_sample
 from sdeflow.model import check_lambda
-from sdeflow.time_grids import check_grid, make_grid, noise_to_signal, t_of_log_snr
+from sdeflow.time_grids import check_grid, log_snr, make_grid, noise_to_signal, t_of_log_snr
 
 Grid = Literal["uniform", "log_snr", "karras"]  # sdeflow.time_grids.GRIDS
 
@@ -241,9 +241,8 @@ class DPMSolver(OnGrid):
     @torch.no_grad()
     def sample(self, model, x_T: Tensor, ts: Tensor, *, generator=None, callback=None) -> Tensor:
         times = ts.detach().to("cpu", torch.float64)
-        m, sigma = model.sde.m(times), model.sde.sigma(times)
-        lam = (torch.log(m) - torch.log(sigma)).tolist()
-        m, sigma = m.tolist(), sigma.tolist()
+        m, sigma = model.sde.m(times).tolist(), model.sde.sigma(times).tolist()
+        lam = (0.5 * log_snr(model.sde, times)).tolist()  # log(m/σ), DPM-Solver's λ
         x, lams, preds = x_T, [], []
         if callback is not None:
             callback(0, ts[0], x)
