@@ -56,8 +56,7 @@ def test_metric_names_are_checked():
     assert parse_metrics("swd, mmd,swd") == ["swd", "mmd"] and parse_metrics("") == []
     with pytest.raises(InvalidArgument, match="unknown metric 'swdd'"):
         parse_metrics("swdd")
-    with pytest.raises(InvalidArgument, match="fid and kid, for images, are not built yet"):
-        parse_metrics(["fid"])
+    assert parse_metrics(["kid", "fid"]) == ["kid", "fid"]
 
 
 def test_eval_metrics_records_value_and_floor_and_training_reports_them(tmp_path, capsys):
@@ -75,8 +74,8 @@ def test_eval_metrics_records_value_and_floor_and_training_reports_them(tmp_path
     saved = json.loads((run / "eval.json").read_text())
     assert set(saved["quality"]["test"]) == {"swd", "mmd"} and saved["quality"]["test"]["mmd"]["seed"] == 3
     assert saved["test"]["elbo"]["bpd"] > 0  # the likelihood results are kept beside them
-    status, _, err = run_cli(capsys, "check", path, "eval.metrics=swd,fid")
-    assert_one_line_error(status, err, "eval.metrics", "unknown metric 'fid'")
+    status, _, err = run_cli(capsys, "check", path, "eval.metrics=swd,fidd")
+    assert_one_line_error(status, err, "eval.metrics", "unknown metric 'fidd'")
     before = (run / "eval.json").read_bytes()
     status, _, err = run_cli(capsys, "eval", run, "--metrics", "swdd")
     assert_one_line_error(status, err, "--metrics: unknown metric 'swdd'")

@@ -227,8 +227,10 @@ class Run:
     def quality(self, metrics: str = "swd,mmd", *, split: str = "test", n: int | None = None, seed: int = 0,
                 save: bool = True, show: bool = True) -> dict[str, dict[str, float]]:
         """Sample quality (``sdeflow eval --metrics``): {metric: {value, floor, n}} of ``n`` samples
-        (default ``sample.num``) against ``split``, the floor being two held-out halves; recorded in
-        eval.json's ``quality`` section with ``save``."""
+        against ``split``. swd and mmd (default n: ``sample.num``) have two held-out halves as floor; fid
+        and kid (images; default n: ``eval.fid_samples``) compare Inception features with the training
+        images' cached statistics, the floor being ``split`` itself. Recorded in eval.json's
+        ``quality`` section with ``save``."""
         try:
             values, settings = run_quality(self._run, parse_metrics(metrics), split=split, n=n, seed=seed)
         except InvalidArgument as e:

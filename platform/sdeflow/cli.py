@@ -128,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            samples=args.samples_per_example, time_sampler=args.time_sampler,
                            batch_size=args.batch_size)
     if args.metrics:
-        run.quality(args.metrics, split=args.split, seed=args.seed)
+        run.quality(args.metrics, split=args.split, n=args.num, seed=args.seed)
     partial = [name for name, e in results.items() if not e["full"]]
     if partial:
         n = results[partial[0]]["n"]

@@ -98,8 +98,11 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-sampler", help="time sampler of the ELBO, e.g. uniform, debiased "
                                           "(default: eval.time_sampler)")
     p.add_argument("--batch-size", type=positive_int, help="examples a batch (default: eval.batch_size)")
-    p.add_argument("--metrics", help="comma-separated sample-quality metrics, swd and mmd, each with its floor "
-                                     "(two halves of the split); recorded in eval.json's quality section")
+    p.add_argument("--metrics", help="comma-separated sample-quality metrics, each with its floor: swd and mmd "
+                                     "(floor: two halves of the split), fid and kid for images (floor: the split "
+                                     "against the training images); recorded in eval.json's quality section")
+    p.add_argument("--num", type=positive_int, help="samples the metrics draw (default: sample.num for swd and mmd, "
+                                                    "eval.fid_samples for fid and kid)")
     p.add_argument("--seed", type=seed_value, default=0, help="seed of the samples the metrics draw")
 
 

@@ -57,7 +57,11 @@ class EvalConfig:
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
     ode_method: str = "dopri5"
-    metrics: str = ""  # comma-separated sample-quality metrics (sdeflow.quality: swd, mmd) on the test split
+    metrics: str = ""  # comma-separated sample-quality metrics (sdeflow.quality: swd, mmd, fid, kid) on test
+    fid_samples: int = 50_000  # samples fid and kid draw (the protocol's 50k)
+    fid_reference: int | None = None  # training images in the reference statistics (None: all of them)
+    fid_inception: str | None = None  # TorchScript Inception-v3; None: the copy of the "sdeflow[fid]" extra
+    fid_cache: str | None = None  # folder of cached feature statistics; None: ~/.cache/sdeflow/fid
 
 
 @attrs.define(kw_only=True)

@@ -274,7 +274,9 @@ class DataBundle:
     Datasets whose items are tensors or (tensor, label) pairs. ``val`` is a held-out split for model
     selection and periodic evaluation, never trained on; it is optional (None: the data set offers
     none), so it comes last and ``DataBundle(train, test, shape=..., ...)`` still works. ``log_prob``,
-    when known, is the exact data log-density in data space, reported next to the ELBO.
+    when known, is the exact data log-density in data space, reported next to the ELBO. ``reference``
+    is every training image as stored (no augmentation, val not held out), for FID and KID's
+    reference statistics; None: ``train`` is used.
     """
 
     train: Any
@@ -285,6 +287,7 @@ class DataBundle:
     log_prob: Callable[[Tensor], Tensor] | None = None
     train_shuffle: bool = True
     val: Any = None
+    reference: Any = None
 
     @property
     def planar(self) -> bool:

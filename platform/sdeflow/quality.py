@@ -1,19 +1,27 @@
-"""Sample quality of vector data against held-out examples: the sliced Wasserstein distance and the
-MMD, each reported with its floor, the same metric between two disjoint halves of the held-out split
-(what a perfect sampler would score at that sample size).
+"""Sample quality, each metric reported with its floor (what the data itself scores at that size).
+
+In data space (``swd``, ``mmd``: any data, meant for vectors), samples against half the held-out split:
 
     value = metric(samples[:m], held_out[:m]),   floor = metric(held_out[m:2m], held_out[:m])
+
+In Inception feature space (``fid``, ``kid``: images, sdeflow.inception), ``eval.fid_samples`` samples
+(50,000 by default, EMA weights, fixed seeds) against the reference statistics of the training images,
+and the held-out split against the same reference as the floor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
+import attrs
 import torch
 from torch import Tensor
 
-from .data import num_examples, take
-from .errors import InvalidArgument
+from .checkpoint import derive_seed
+from .data import eval_batches, num_examples, take
+from .errors import ConfigError, InvalidArgument
+from .inception import InceptionFeatures, Statistics, cache_folder, cached_statistics, find_weights
 
 PROJECTIONS = 512
 
@@ -40,12 +48,56 @@ def mmd(x: Tensor, y: Tensor, *, generator: torch.Generator | None = None, scale
         h2 = float(d2[torch.triu_indices(len(pooled), len(pooled), 1).unbind()].median().clamp(min=1e-12))
     k = sum(torch.exp(-d2 / (2 * s**2 * h2)) for s in scales)
     n = len(x)
-    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    return unbiased_mmd2(k[:n, :n], k[n:, n:], k[:n, n:])
+
+
+def unbiased_mmd2(kxx: Tensor, kyy: Tensor, kxy: Tensor) -> float:
+    """MMD²_u = mean_{i≠j} k(xᵢ, xⱼ) + mean_{i≠j} k(yᵢ, yⱼ) − 2 mean_{i,j} k(xᵢ, yⱼ) (Gretton et al. 2012, eq. 3)."""
     off = lambda a: (a.sum() - a.diagonal().sum()) / (len(a) * (len(a) - 1))  # noqa: E731
     return float(off(kxx) + off(kyy) - 2 * kxy.mean())
 
 
-METRICS: dict[str, Callable[..., float]] = {"swd": sliced_wasserstein, "mmd": mmd}
+def frechet_distance(a: Statistics, b: Statistics) -> float:
+    """FID = ‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) (Heusel et al. 2017, eq. 6), with
+    Tr (Σ_a Σ_b)^½ = Σᵢ √λᵢ(Σ_a^½ Σ_b Σ_a^½), a symmetric eigenproblem with the same eigenvalues."""
+    w, v = torch.linalg.eigh(a.sigma)
+    root_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ b.sigma @ root_a).clamp(min=0).sqrt().sum()
+    return float((a.mu - b.mu).square().sum() + a.sigma.trace() + b.sigma.trace() - 2 * cross)
+
+
+def kernel_inception_distance(x: Tensor, y: Tensor, *, generator: torch.Generator, subsets: int = 100,
+                              subset_size: int = 1000) -> tuple[float, float]:
+    """KID = MMD²_u with k(x, y) = (xᵀy / d + 1)³ (Bińkowski et al. 2018, eq. 8), averaged over
+    ``subsets`` random subsets of min(subset_size, n) from each side: (mean, standard deviation)."""
+    x, y = x.double(), y.double()
+    m = min(subset_size, len(x), len(y))
+    values = []
+    for _ in range(subsets):
+        a = x[torch.randperm(len(x), generator=generator)[:m]]
+        b = y[torch.randperm(len(y), generator=generator)[:m]]
+        k = lambda p, q: (p @ q.T / x.shape[1] + 1) ** 3  # noqa: E731
+        values.append(unbiased_mmd2(k(a, a), k(b, b), k(a, b)))
+    values = torch.tensor(values, dtype=torch.float64)
+    return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
+
+
+@attrs.frozen
+class Metric:
+    """A sample-quality metric and the space it compares in: ``data`` (samples and held-out examples as
+    they are) or ``inception`` (their Inception-v3 features, images only)."""
+
+    space: Literal["data", "inception"]
+    doc: str
+
+
+METRICS: dict[str, Metric] = {
+    "swd": Metric("data", "sliced Wasserstein distance (512 directions) to half the held-out split"),
+    "mmd": Metric("data", "unbiased MMD², Gaussian kernels at 0.5, 1, 2 × the median distance"),
+    "fid": Metric("inception", "Fréchet Inception distance to the training images' statistics"),
+    "kid": Metric("inception", "kernel Inception distance (cubic kernel, 100 subsets of 1000)"),
+}
+DATA_METRICS: dict[str, Callable[..., float]] = {"swd": sliced_wasserstein, "mmd": mmd}
 
 
 def parse_metrics(names: list[str] | str) -> list[str]:
@@ -53,9 +105,23 @@ def parse_metrics(names: list[str] | str) -> list[str]:
     words = [w.strip() for w in (names.split(",") if isinstance(names, str) else names) if str(w).strip()]
     for word in words:
         if word not in METRICS:
-            raise InvalidArgument("metrics", f"unknown metric {word!r}; expected a list of {', '.join(METRICS)}"
-                                  + (" (fid and kid, for images, are not built yet)" if word in ("fid", "kid") else ""))
+            raise InvalidArgument("metrics", f"unknown metric {word!r}; expected a list of {', '.join(METRICS)}")
     return list(dict.fromkeys(words))
+
+
+def check_metrics(exp, data) -> None:
+    """Before training: ``eval.metrics`` suits the data (fid and kid need images) and fid and kid have
+    their weights, so a run does not fail at its last step. Raises :class:`ConfigError`."""
+    names = [name for name in parse_metrics(exp.eval.metrics) if METRICS[name].space == "inception"]
+    if not names:
+        return
+    try:
+        if data.kind != "image":
+            raise InvalidArgument("eval.metrics", f"{', '.join(names)} compare Inception features of images; "
+                                  f"this data set gives {data.kind} data (use swd or mmd)")
+        find_weights(exp.eval.fid_inception)
+    except InvalidArgument as e:
+        raise ConfigError(f"{exp.source}: {e.argument}: {e.message}") from None
 
 
 def sample_quality(names: list[str], samples: Tensor, held_out: Tensor, seed: int) -> dict[str, dict[str, float]]:
@@ -68,7 +134,7 @@ def sample_quality(names: list[str], samples: Tensor, held_out: Tensor, seed: in
     a, b, s = held_out[:m], held_out[m:2 * m], samples[:m]
     out = {}
     for name in names:
-        metric = METRICS[name]
+        metric = DATA_METRICS[name]
         value = metric(s, a, generator=torch.Generator().manual_seed(seed))
         floor = metric(b, a, generator=torch.Generator().manual_seed(seed))  # the same directions
         out[name] = {"value": value, "floor": floor, "n": m}
@@ -76,22 +142,75 @@ def sample_quality(names: list[str], samples: Tensor, held_out: Tensor, seed: in
 
 
 def run_quality(run, names: list[str], *, split: str = "test", n: int | None = None, seed: int = 0
-                ) -> tuple[dict[str, dict[str, float]], dict]:
+                ) -> tuple[dict[str, dict[str, Any]], dict]:
     """A built run's samples (its EMA model, sampler, ``sample.lam`` and ``sample.steps``) against its
-    held-out ``split``: (quality, the settings that fix it). ``n`` defaults to ``sample.num``, at most
-    half the split."""
+    held-out ``split``: (quality, the settings that fix it). ``n`` defaults to ``sample.num`` (at most
+    half the split) for data-space metrics and to ``eval.fid_samples`` for fid and kid."""
     examples = getattr(run.data, split, None)
     if examples is None:
         raise InvalidArgument("metrics", f"the data set has no {split} split")
-    total = num_examples(examples)
-    n = min(n or run.exp.sample.num, total // 2)
-    held_out = take(examples, range(2 * n))
     cfg = run.exp.sample
     sampler = run.sampler(cfg.lam)
-    samples, _ = run.draw(sampler, n, steps=cfg.steps, seed=seed)
     settings = {"sampler": dict(run.exp.components["sampler"]), "lam": getattr(sampler, "lam", None),
-                "steps": cfg.steps, "n": n, "seed": seed, "weights": "ema"}
-    return sample_quality(names, samples, held_out, seed), settings
+                "steps": cfg.steps, "seed": seed, "weights": "ema"}
+    out: dict[str, dict[str, Any]] = {}
+    in_data = [name for name in names if METRICS[name].space == "data"]
+    if in_data:
+        m = min(n or cfg.num, num_examples(examples) // 2)
+        held_out = take(examples, range(2 * m))
+        samples, _ = run.draw(sampler, m, steps=cfg.steps, seed=seed)
+        out.update(sample_quality(in_data, samples, held_out, seed))
+    in_features = [name for name in names if METRICS[name].space == "inception"]
+    if in_features:
+        out.update(inception_quality(run, in_features, sampler, split=split, n=n or run.exp.eval.fid_samples,
+                                     seed=seed))
+    return {name: out[name] for name in names}, settings
+
+
+def inception_quality(run, names: list[str], sampler, *, split: str, n: int, seed: int) -> dict[str, dict[str, Any]]:
+    """fid and kid of ``n`` samples against the reference statistics of the training images (cached),
+    and of the held-out ``split`` against the same reference as the floor (cached too)."""
+    if run.data.kind != "image":
+        raise InvalidArgument("metrics", f"{', '.join(names)} compare Inception features of images; this data set "
+                              f"gives {run.data.kind} data (use swd or mmd)")
+    cfg = run.exp.eval
+    extractor = InceptionFeatures(find_weights(cfg.fid_inception), run.device)
+    folder = cache_folder(cfg.fid_cache)
+    data = {"data": dict(run.exp.components["data"])}
+    name = data["data"]["name"]
+    reference_images = run.data.reference if run.data.reference is not None else run.data.train
+    limit = cfg.fid_reference
+    reference, reference_file = cached_statistics(
+        extractor, (x for _, x in eval_batches(reference_images, cfg.batch_size, limit)),
+        key={**data, "split": "reference", "n": limit}, folder=folder, label=f"{name}-reference")
+    held_out = getattr(run.data, split)
+    floor_n = min(n, num_examples(held_out))
+    floor, _ = cached_statistics(extractor, (x for _, x in eval_batches(held_out, cfg.batch_size, floor_n)),
+                                 key={**data, "split": split, "n": floor_n}, folder=folder, label=f"{name}-{split}")
+    samples = Statistics.of(extractor(x) for x in sample_batches(run, sampler, n, cfg.batch_size, seed))
+    described = {"reference": {"images": "training images" if run.data.reference is not None else "train split",
+                               "n": reference.n, "cache": str(reference_file)},
+                 "extractor": extractor.describe(), "floor_n": floor.n, "batch_size": cfg.batch_size}
+    out = {}
+    for name in names:
+        if name == "fid":
+            value, spread = frechet_distance(samples, reference), {}
+            floor_value = frechet_distance(floor, reference)
+        else:
+            (value, std), (floor_value, _) = (
+                kernel_inception_distance(s.pool, reference.pool, generator=torch.Generator().manual_seed(seed))
+                for s in (samples, floor))
+            spread = {"std": std}
+        out[name] = {"value": value, "floor": floor_value, "n": samples.n, **spread, **described}
+    return out
+
+
+def sample_batches(run, sampler, n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """``n`` samples in data space, ``batch_size`` at a time, batch b drawn with seed (seed, b)."""
+    for b, start in enumerate(range(0, n, batch_size)):
+        x, _ = run.draw(sampler, min(batch_size, n - start), steps=run.exp.sample.steps,
+                        seed=derive_seed(seed, "quality-batch", b))
+        yield x
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -104,6 +223,9 @@ def format_quality(quality: dict[str, dict[str, float]], split: str) -> str:
     lines = []
     for name, q in quality.items():
         ratio = f"; {q['value'] / q['floor']:.2f}× the floor" if q["floor"] > 0 else ""
-        floor = f"floor {q['floor']:.4f}: two halves of {split}, n={q['n']}{ratio}"
+        if METRICS[name].space == "inception":
+            floor = f"floor {q['floor']:.4f}: {q['floor_n']} {split} images vs the reference, n={q['n']}{ratio}"
+        else:
+            floor = f"floor {q['floor']:.4f}: two halves of {split}, n={q['n']}{ratio}"
         lines.append(f"{name:>5}: {q['value']:.4f}   ({floor})")
     return "\n".join(lines)

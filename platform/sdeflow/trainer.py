@@ -32,6 +32,7 @@ from .errors import SdeflowError
 from .memory import check_run_fits
 from .optim import EMA, Window, adam, step_seed, unwrapped
 from .preemption import STOP_SIGNALS, Preempted, StopRequests, Timer
+from .quality import check_metrics
 from .results import headline
 from .runfolder import (
     CONFIG_FILE,
@@ -331,6 +332,7 @@ def train(exp: Experiment, run_dir: str | Path | None = None, *, restart: bool =
     Returns the final evaluation by split and estimator (``results["test"]["elbo"]["bpd"]``).
     """
     run = build_run(exp, run_dir or default_run_dir(exp.name), registry=registry, ctx=ctx)
+    check_metrics(exp, run.data)
     return Trainer(run, restart=restart, allow_changes=allow_changes, reevaluate=reevaluate).fit()
 
 

@@ -325,9 +325,11 @@ def mnist(
     to_tensor = transforms.ToTensor()
     train = _open("MNIST", root, lambda: datasets.MNIST(root, train=True, transform=to_tensor))
     test = _open("MNIST", root, lambda: datasets.MNIST(root, train=False, transform=to_tensor))
+    reference = train
     train, val = _hold_out("mnist", train, n_val, split_seed)
     return DataBundle(
-        train, test, shape=(1, 28, 28), transform=transform, kind="image", train_shuffle=True, val=val
+        train, test, shape=(1, 28, 28), transform=transform, kind="image", train_shuffle=True, val=val,
+        reference=reference,
     )
 
 
@@ -356,9 +358,11 @@ def cifar10(
     test = _open("CIFAR-10", root, lambda: datasets.CIFAR10(root, train=False, transform=to_tensor))
     # Val is evaluated like test, so it reads the same training files through a second, unflipped object.
     unflipped = partial(_open, "CIFAR-10", root, lambda: datasets.CIFAR10(root, train=True, transform=to_tensor))
-    train, val = _hold_out("cifar10", train, n_val, split_seed, unflipped if hflip else None)
+    reference = unflipped() if hflip else train  # FID's reference: every training image, unflipped
+    train, val = _hold_out("cifar10", train, n_val, split_seed, (lambda: reference) if hflip else None)
     return DataBundle(
-        train, test, shape=(3, 32, 32), transform=transform, kind="image", train_shuffle=True, val=val
+        train, test, shape=(3, 32, 32), transform=transform, kind="image", train_shuffle=True, val=val,
+        reference=reference,
     )
 
 
