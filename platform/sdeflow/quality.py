@@ -162,14 +162,16 @@ def run_quality(run, names: list[str], *, split: str = "test", n: int | None = N
         out.update(sample_quality(in_data, samples, held_out, seed))
     in_features = [name for name in names if METRICS[name].space == "inception"]
     if in_features:
-        out.update(inception_quality(run, in_features, sampler, split=split, n=n or run.exp.eval.fid_samples,
-                                     seed=seed))
+        out.update(inception_quality(run, in_features, sampler, steps=cfg.steps, split=split,
+                                     n=n or run.exp.eval.fid_samples, seed=seed))
     return {name: out[name] for name in names}, settings
 
 
-def inception_quality(run, names: list[str], sampler, *, split: str, n: int, seed: int) -> dict[str, dict[str, Any]]:
-    """fid and kid of ``n`` samples against the reference statistics of the training images (cached),
-    and of the held-out ``split`` against the same reference as the floor (cached too)."""
+def inception_quality(run, names: list[str], sampler, *, steps: int | None, split: str, n: int, seed: int
+                      ) -> dict[str, dict[str, Any]]:
+    """fid and kid of ``n`` samples (``sampler`` at ``steps``) against the reference statistics of the
+    training images (cached), and of the held-out ``split`` against the same reference as the floor
+    (cached too)."""
     if run.data.kind != "image":
         raise InvalidArgument("metrics", f"{', '.join(names)} compare Inception features of images; this data set "
                               f"gives {run.data.kind} data (use swd or mmd)")
@@ -177,17 +179,17 @@ def inception_quality(run, names: list[str], sampler, *, split: str, n: int, see
     extractor = InceptionFeatures(find_weights(cfg.fid_inception), run.device)
     folder = cache_folder(cfg.fid_cache)
     data = {"data": dict(run.exp.components["data"])}
-    name = data["data"]["name"]
+    label = data["data"]["name"]
     reference_images = run.data.reference if run.data.reference is not None else run.data.train
     limit = cfg.fid_reference
     reference, reference_file = cached_statistics(
         extractor, (x for _, x in eval_batches(reference_images, cfg.batch_size, limit)),
-        key={**data, "split": "reference", "n": limit}, folder=folder, label=f"{name}-reference")
+        key={**data, "split": "reference", "n": limit}, folder=folder, label=f"{label}-reference")
     held_out = getattr(run.data, split)
     floor_n = min(n, num_examples(held_out))
     floor, _ = cached_statistics(extractor, (x for _, x in eval_batches(held_out, cfg.batch_size, floor_n)),
-                                 key={**data, "split": split, "n": floor_n}, folder=folder, label=f"{name}-{split}")
-    samples = Statistics.of(extractor(x) for x in sample_batches(run, sampler, n, cfg.batch_size, seed))
+                                 key={**data, "split": split, "n": floor_n}, folder=folder, label=f"{label}-{split}")
+    samples = Statistics.of(extractor(x) for x in sample_batches(run, sampler, n, steps, cfg.batch_size, seed))
     described = {"reference": {"images": "training images" if run.data.reference is not None else "train split",
                                "n": reference.n, "cache": str(reference_file)},
                  "extractor": extractor.describe(), "floor_n": floor.n, "batch_size": cfg.batch_size}
@@ -205,11 +207,10 @@ def inception_quality(run, names: list[str], sampler, *, split: str, n: int, see
     return out
 
 
-def sample_batches(run, sampler, n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+def sample_batches(run, sampler, n: int, steps: int | None, batch_size: int, seed: int) -> Iterator[Tensor]:
     """``n`` samples in data space, ``batch_size`` at a time, batch b drawn with seed (seed, b)."""
     for b, start in enumerate(range(0, n, batch_size)):
-        x, _ = run.draw(sampler, min(batch_size, n - start), steps=run.exp.sample.steps,
-                        seed=derive_seed(seed, "quality-batch", b))
+        x, _ = run.draw(sampler, min(batch_size, n - start), steps=steps, seed=derive_seed(seed, "quality-batch", b))
         yield x
 
 
