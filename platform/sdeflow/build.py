@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from .checkpoint import derive_seed
 from .config import Experiment, build_component
 from .elbo import require_linear_drift
 from .errors import ConfigError, InvalidArgument
@@ -12,6 +13,7 @@ from .estimators import parse_estimators
 from .interfaces import SDE, DataBundle, Loss, Sampler, TimeSampler
 from .likelihood import check_method
 from .model import DiffusionModel
+from .objective import check_trainable
 from .quality import parse_metrics
 from .registry import Registry, default_registry
 
@@ -31,13 +33,15 @@ def build_parts(exp: Experiment, registry: Registry | None = None) -> Parts:
     """Build everything that needs neither data nor weights; bad argument values fail here."""
     registry = registry or default_registry()
     eval_ts = registry.get("time_sampler", exp.eval.time_sampler, where=f"{exp.source}: eval.time_sampler")
-    return Parts(
-        sde=build_component(registry, exp, "sde"),
-        time_sampler=build_component(registry, exp, "time_sampler"),
-        loss=build_component(registry, exp, "loss"),
-        sampler=build_component(registry, exp, "sampler"),
-        eval_time_sampler=eval_ts.factory(),
-    )
+    with torch.random.fork_rng(devices=[]):  # a trainable component's initial parameters depend on the seed only
+        torch.manual_seed(derive_seed(exp.seed, "components"))
+        return Parts(
+            sde=build_component(registry, exp, "sde"),
+            time_sampler=build_component(registry, exp, "time_sampler"),
+            loss=build_component(registry, exp, "loss"),
+            sampler=build_component(registry, exp, "sampler"),
+            eval_time_sampler=eval_ts.factory(),
+        )
 
 
 def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts:
@@ -82,6 +86,7 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
         check_method(exp.eval.ode_method)
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: eval.ode_method: {e.message}") from None
+    check_trainable(exp, {"sde": parts.sde, "loss": parts.loss, "time_sampler": parts.time_sampler})
     try:
         parse_metrics(exp.eval.metrics)
         names = parse_estimators(exp.eval.estimator)

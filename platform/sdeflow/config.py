@@ -27,6 +27,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-4
+    component_lr: dict[str, float] = attrs.field(factory=dict)  # {sde: 1e-3}: a trainable component's own rate
     ema: float = 0.999
     ema_warmup: bool = True
     grad_clip: float | None = None

@@ -7,7 +7,6 @@ against a batch ``y`` of shape (B, ...). Every method works for a batch of one.
 from __future__ import annotations
 
 import abc
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -87,14 +86,31 @@ class SDE(abc.ABC):
         """w(t) = r(max(t, t_ε)), integrable on [0, T] (MATH.md §4)."""
         return self.likelihood_weight(t.clamp(min=self.t_eps))
 
-    @functools.cached_property
+    @property
     def likelihood_time_density(self) -> TimeDensity:
-        """The density q(t) ∝ w(t) on [0, T] (MATH.md §6); tabulated unless a subclass has a closed form."""
+        """The density q(t) ∝ w(t) on [0, T] (MATH.md §6), built by :meth:`make_likelihood_time_density`
+        once, and again whenever the SDE's parameters have changed (a trainable SDE's is never stale)."""
+        key = parameter_values(self)
+        cached = self.__dict__.get("_likelihood_time_density")
+        if cached is None or len(cached[0]) != len(key) or not all(map(torch.equal, cached[0], key)):
+            with torch.no_grad():  # importance weights are constants: the gradient flows through w and ℓ only
+                cached = (key, self.make_likelihood_time_density())
+            self.__dict__["_likelihood_time_density"] = cached
+        return cached[1]
+
+    def make_likelihood_time_density(self) -> TimeDensity:
+        """Tabulated unless a subclass has a closed form."""
         return TabulatedTimeDensity(self)
 
     def marginal_sample(self, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """y = m(t) x + σ(t) ε."""
         return bcast(self.m(t), x) * x + bcast(self.sigma(t), x) * eps
+
+
+def parameter_values(component: Any) -> tuple[Tensor, ...]:
+    """Copies of a component's parameters (none unless it is an ``nn.Module``): what a table derived
+    from them depends on."""
+    return tuple(p.detach().clone() for p in component.parameters()) if isinstance(component, nn.Module) else ()
 
 
 class TimeDensity(abc.ABC):
@@ -120,6 +136,7 @@ class TabulatedTimeDensity(TimeDensity):
     grid points), so importance weights stay unbiased whatever the table's resolution.
     """
 
+    @torch.no_grad()  # a table of a trainable SDE is a constant of the step (it is rebuilt when they change)
     def __init__(self, sde: SDE, points: int = 20001):
         knots = torch.logspace(math.log10(sde.t_eps), math.log10(sde.T), points, dtype=torch.float64)
         r = sde.likelihood_weight(knots).to(torch.float64)
@@ -205,10 +222,17 @@ class TimeSampler(abc.ABC):
 class Loss(abc.ABC):
     """A per-example training loss of the composed model (MATH.md §4–5).
 
+    ``trains``: the component kinds whose parameters its gradient trains. A loss that is not a bound on
+    the likelihood trains only the network and the parameterization (the default); a bound (the
+    ELBO) may also train the SDE, the time sampler and itself. The kernel refuses an experiment whose
+    trainable component the loss does not train.
+
     Optional: ``weight(sde, t)``, the time weight w(t) a loss divides by the sampler's q(t) (the kernel
     then warns when a non-uniform time sampler leaves w/q far from constant), and
     ``matched_time_sampler_fix``, a one-line hint for that warning.
     """
+
+    trains: frozenset[str] = frozenset({"parameterization"})
 
     @abc.abstractmethod
     def __call__(self, model, x: Tensor, time_sampler: TimeSampler, *, generator=None) -> Tensor:

@@ -10,13 +10,15 @@ from .checkpoint import derive_seed
 
 
 def adam(parameters, lr: float) -> torch.optim.Adam:
-    """Adam, with PyTorch's fused one-kernel update where it has one for the parameters' device.
+    """Adam over parameters or parameter groups (``{"params": [...], "lr": ...}``; ``lr`` for those
+    without one), with PyTorch's fused one-kernel update where it has one for the parameters' device.
 
     On the CPU it measured 1.5 ms instead of 5.3 ms per step for the MNIST U-net's 1.5M parameters.
     """
-    params = list(parameters)
+    groups = list(parameters)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=True if fused else None)
+    return torch.optim.Adam(groups, lr=lr, fused=True if fused else None)
 
 
 class EMA:

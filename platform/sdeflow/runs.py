@@ -22,6 +22,7 @@ from .evaluate import evaluate
 from .figures import save_samples, save_trajectories
 from .interfaces import DataBundle
 from .model import DiffusionModel
+from .objective import Objective, check_trainable
 from .registry import Registry, default_registry
 from .runfolder import CONFIG_FILE, LAST, read_run_config, recorded_plugins, restore, say
 
@@ -49,6 +50,10 @@ class Run:
     ctx: DistContext = attrs.field(factory=DistContext)
     step: int = 0
     """Training steps behind the loaded weights."""
+    objective: Objective | None = None
+    """The loss of ``model`` with the trainable loss and time sampler: what training optimises."""
+    ema_objective: Objective | None = None
+    """Its EMA copy, whose model is ``ema``."""
 
     @property
     def checkpoint_path(self) -> Path:
@@ -145,9 +150,13 @@ def build_run(exp: Experiment, run_dir: str | Path, *, registry: Registry | None
     device = ctx.device if ctx else resolve_device(exp.device, exp.source)
     data = build_data(exp, registry)
     torch.manual_seed(exp.seed)  # identical initial weights on every rank and every restart
-    model = build_model(exp, parts.sde, data.shape, registry).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    return Run(exp, Path(run_dir), parts, data, model, ema, device, registry, ctx or DistContext(device=device))
+    model = build_model(exp, parts.sde, data.shape, registry)
+    check_trainable(exp, {"sde": model.sde, "parameterization": model.parameterization, "network": model.network,
+                          "loss": parts.loss, "time_sampler": parts.time_sampler})
+    objective = Objective(model, parts.loss, parts.time_sampler).to(device)
+    ema_objective = copy.deepcopy(objective).requires_grad_(False)
+    return Run(exp, Path(run_dir), parts, data, model, ema_objective.model, device, registry,
+               ctx or DistContext(device=device), objective=objective, ema_objective=ema_objective)
 
 
 def open_run(run_dir: str | Path, registry: Registry | None = None, notice: Callable[[str], None] | None = None
@@ -161,6 +170,8 @@ def open_run(run_dir: str | Path, registry: Registry | None = None, notice: Call
     def apply(state: dict[str, Any]) -> None:
         run.model.load_state_dict(state["model"])
         run.ema.load_state_dict(state["ema"])
+        run.objective.load_component_state(state.get("components", {}))
+        run.ema_objective.load_component_state(state.get("ema_components", {}))
         run.step = int(state["step"])
 
     if restore(run.run_dir, apply, notice or say) is None:

@@ -71,7 +71,8 @@ class Trainer:
         self.run, self.exp, self.ctx = run, run.exp, run.ctx
         self.say = notice if self.ctx.is_main else _quiet  # rank 0 speaks for all
         cfg = self.exp.train
-        self.optimizer = adam(run.model.parameters(), cfg.lr)
+        self.objective = run.objective
+        self.optimizer = adam(self.objective.param_groups(cfg.lr, cfg.component_lr), cfg.lr)
         self.step = 0
         self.elapsed = 0.0  # seconds spent in training steps, across resumes
         self.raw_network = run.model.parameterization.network
@@ -99,10 +100,12 @@ class Trainer:
         if self.exp.train.channels_last and run.data.kind == "image":
             run.model.to(memory_format=torch.channels_last)
             run.ema.to(memory_format=torch.channels_last)
-        self.ema = EMA(run.ema, run.model, cfg.ema, cfg.ema_warmup)  # before DDP and compile wrap the network
-        self.ddp_network = self.ctx.wrap(self.raw_network)  # one DDP wrapper for the whole run
-        self.compiled = CompiledNetwork(run.model.parameterization, self.ddp_network, self.exp.train.compile,
+        # Before compile wraps the network: the EMA tracks every trainable parameter, as they are.
+        self.ema = EMA(run.ema_objective, self.objective, cfg.ema, cfg.ema_warmup)
+        self.compiled = CompiledNetwork(run.model.parameterization, self.raw_network, self.exp.train.compile,
                                         self.say)
+        # One DDP wrapper for the whole run, around everything that holds trainable parameters.
+        self.ddp_objective = self.ctx.wrap(self.objective)
 
     # ------------------------------------------------------------------ set-up
 
@@ -136,9 +139,12 @@ class Trainer:
     def _resume(self, state: dict[str, Any]) -> None:
         self.run.model.load_state_dict(state["model"])
         self.run.ema.load_state_dict(state["ema"])
+        self.objective.load_component_state(state.get("components", {}))
+        self.run.ema_objective.load_component_state(state.get("ema_components", {}))
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # the config's lr wins over the one saved
-            group["lr"] = self.exp.train.lr
+        configured = self.objective.param_groups(self.exp.train.lr, self.exp.train.component_lr)
+        for group, wanted in zip(self.optimizer.param_groups, configured):  # the config's rates win over those saved
+            group["lr"] = wanted["lr"]
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
@@ -155,8 +161,12 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         with unwrapped(self.run.model.parameterization, self.raw_network):
             model = self.run.model.state_dict()
-        return {"model": model, "ema": self.run.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "elapsed": self.elapsed, "rng": rng_state(), "config": self.exp.to_dict()}
+        state = {"model": model, "ema": self.run.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step, "elapsed": self.elapsed, "rng": rng_state(), "config": self.exp.to_dict()}
+        if self.objective.component_state():  # a trainable loss or time sampler
+            state["components"] = self.objective.component_state()
+            state["ema_components"] = self.run.ema_objective.component_state()
+        return state
 
     def save(self) -> None:
         """last.pt, keeping the one it replaces as previous.pt (the fallback if last.pt is ever unreadable)."""
@@ -175,11 +185,14 @@ class Trainer:
         if cfg.channels_last and z.ndim == 4:
             z = z.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            loss = run.parts.loss(run.model, z, run.parts.time_sampler).float().mean()
+            per_example = self.ddp_objective(z).float()
+        self.objective.observe_loss(per_example)
+        loss = per_example.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.objective.observe_loss(None)
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.ema.update(self.step)
         return loss.detach()

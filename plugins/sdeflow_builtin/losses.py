@@ -45,7 +45,11 @@ class DSM(Loss):
 
 
 class NegativeELBO(Loss):
-    """−ELBO(x) of the plug-in reverse SDE as a training loss (MATH.md §5), Hutchinson divergence."""
+    """−ELBO(x) of the plug-in reverse SDE as a training loss (MATH.md §5), Hutchinson divergence.
+
+    A bound on −log p(x) whatever the forward process, so it trains a trainable SDE too."""
+
+    trains = frozenset({"parameterization", "sde", "time_sampler", "loss"})
 
     def __init__(self, probe: Literal["rademacher", "gaussian"] = "rademacher"):
         check_probe(probe)

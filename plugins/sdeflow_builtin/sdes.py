@@ -1,12 +1,12 @@
-"""Forward (inference) SDEs: VP (the paper's default), sub-VP and VE (MATH.md §1)."""
+"""Forward (inference) SDEs: VP (the paper's default), sub-VP, VE and the learned VP of VDM (MATH.md §1, §12)."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from sdeflow.errors import require
 from sdeflow.hookspecs import hookimpl
@@ -69,9 +69,8 @@ class VPSDE(_LinearBeta):
     def sigma(self, t: Tensor) -> Tensor:
         return torch.sqrt(-torch.expm1(-self.B(t)))
 
-    @functools.cached_property
-    def likelihood_time_density(self) -> TimeDensity:
-        """Closed form (MATH.md §6), built once per SDE."""
+    def make_likelihood_time_density(self) -> TimeDensity:
+        """Closed form (MATH.md §6)."""
         return VPLikelihoodTimeDensity(self)
 
 
@@ -170,8 +169,146 @@ class VPLikelihoodTimeDensity(TimeDensity):
         return 2 * B / (b0 + torch.sqrt(b0**2 + 2 * db * B))
 
 
+class MonotoneNetwork(nn.Module):
+    """VDM's monotone network (Kingma et al. 2021, App. H): h(τ) = l₁(τ) + l₃(sigmoid(l₂(l₁(τ)))), every
+    weight positive (softplus of a free one), so h increases in τ; ``derivative`` is dh/dτ in closed form.
+    l₃ has no bias: the schedule normalises h between its ends, which would cancel it."""
+
+    def __init__(self, hidden: int = 1024):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(0.0))
+        self.w2 = nn.Parameter(torch.randn(hidden))
+        self.b2 = nn.Parameter(torch.randn(hidden))
+        self.w3 = nn.Parameter(torch.randn(hidden) - 3.0)
+
+    def _parts(self, tau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        w1, w2, w3 = F.softplus(self.w1), F.softplus(self.w2), F.softplus(self.w3) / len(self.w3)
+        l1 = w1 * tau + self.b1
+        s = torch.sigmoid(l1[:, None] * w2 + self.b2)
+        return l1, s, w1, w2, w3
+
+    def forward(self, tau: Tensor) -> Tensor:
+        l1, s, _, _, w3 = self._parts(tau)
+        return l1 + s @ w3
+
+    def derivative(self, tau: Tensor) -> Tensor:
+        """dh/dτ = w₁ (1 + Σⱼ w₃ⱼ w₂ⱼ sⱼ (1 − sⱼ)) > 0."""
+        _, s, w1, w2, w3 = self._parts(tau)
+        return w1 * (1 + (s * (1 - s)) @ (w2 * w3))
+
+
+class _VarianceGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient of example i by 2 L_i (``box``, filled by
+    ``observe_loss`` before backward), turning ∇ mean L into ∇ mean L² (VDM §5.1, eq. 21)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, box: dict) -> Tensor:
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        loss = ctx.box.get("loss")
+        if loss is None or loss.shape != grad.shape:
+            return grad, None
+        return grad * 2 * loss.to(grad.dtype), None
+
+
+class LearnedVPSDE(nn.Module, SDE):
+    """VP with a learned schedule (VDM): γ(t) = γ₀ + (γ₁ − γ₀) (h(τ) − h(0)) / (h(1) − h(0)), τ = t/T, h
+    monotone, so the log-SNR −γ falls from −γ₀ to −γ₁. From Y₀ = x (MATH.md §12):
+    B(t) = softplus(γ(t)) − softplus(γ₀), m = e^{−B/2}, σ² = 1 − e^{−B}, g² = β = sigmoid(γ) γ′;
+    for γ₀ ≪ 0 that is α² = sigmoid(−γ), σ² = sigmoid(γ) and r = g²/σ² ≈ γ′.
+
+    The endpoints are fixed unless ``learn_endpoints`` (then trained by the bound). The interior shape
+    h is trained to minimise the variance of the per-example loss (``variance_interior``, VDM §5.1), or
+    by the bound like everything else.
+    """
+
+    def __init__(self, gamma_min: float = -10.0, gamma_max: float = 10.0, learn_endpoints: bool = False,
+                 hidden: int = 1024, variance_interior: bool = True, T: float = 1.0, t_eps: float = 1e-3):
+        require(gamma_max > gamma_min, "gamma_max", f"must be > gamma_min={gamma_min}, got {gamma_max}")
+        require(hidden >= 1, "hidden", f"must be at least 1, got {hidden}")
+        _check_time(T, t_eps)
+        super().__init__()
+        self.T, self.t_eps, self.variance_interior = T, t_eps, variance_interior
+        ends = torch.tensor([float(gamma_min), float(gamma_max)])
+        if learn_endpoints:
+            self.ends = nn.Parameter(ends)
+        else:
+            self.register_buffer("ends", ends)
+        self.h = MonotoneNetwork(hidden)
+        self.box: dict = {}
+
+    def _shape(self, tau: Tensor) -> tuple[Tensor, Tensor]:
+        """(φ(τ), φ′(τ)) with φ = (h − h(0)) / (h(1) − h(0)) ∈ [0, 1], through the variance gradient."""
+        ends = self.h(torch.tensor([0.0, 1.0], device=tau.device, dtype=tau.dtype))
+        span = ends[1] - ends[0]
+        phi, dphi = (self.h(tau) - ends[0]) / span, self.h.derivative(tau) / span
+        if self.variance_interior and torch.is_grad_enabled():
+            phi, dphi = _VarianceGradient.apply(phi, self.box), _VarianceGradient.apply(dphi, self.box)
+        return phi, dphi
+
+    def gamma_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(γ(t), γ′(t)), computed in the parameters' dtype and device."""
+        ref = self.h.w2
+        tau = (t / self.T).to(device=ref.device, dtype=ref.dtype)
+        phi, dphi = self._shape(tau)
+        g0, g1 = self.ends[0], self.ends[1]
+        return g0 + (g1 - g0) * phi, (g1 - g0) * dphi / self.T
+
+    def gamma(self, t: Tensor) -> Tensor:
+        return self.gamma_and_slope(t)[0].to(device=t.device, dtype=t.dtype)
+
+    def B(self, t: Tensor) -> Tensor:
+        """B(t) = ∫₀ᵗ β = softplus(γ(t)) − softplus(γ₀)."""
+        gamma, _ = self.gamma_and_slope(t)
+        return (F.softplus(gamma) - F.softplus(self.ends[0])).to(device=t.device, dtype=t.dtype)
+
+    def beta(self, t: Tensor) -> Tensor:
+        """β(t) = sigmoid(γ(t)) γ′(t)."""
+        gamma, slope = self.gamma_and_slope(t)
+        return (torch.sigmoid(gamma) * slope).to(device=t.device, dtype=t.dtype)
+
+    def f(self, y: Tensor, t: Tensor) -> Tensor:
+        return -0.5 * bcast(self.beta(t), y) * y
+
+    def linear_drift(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta(t)
+
+    def g(self, t: Tensor) -> Tensor:
+        return torch.sqrt(self.beta(t))
+
+    def m(self, t: Tensor) -> Tensor:
+        return torch.exp(-0.5 * self.B(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(-self.B(t)))
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def prior_sample(self, shape, *, generator=None, device=None, dtype=None) -> Tensor:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def prior_log_prob(self, y: Tensor) -> Tensor:
+        return gaussian_log_prob(y)
+
+    def observe_loss(self, loss: Tensor | None) -> None:
+        """The per-example loss of this step before backward (None after it): the variance gradient's 2 L."""
+        if loss is None:
+            self.box.pop("loss", None)
+        else:
+            self.box["loss"] = loss.detach()
+
+    def __repr__(self) -> str:
+        g0, g1 = self.ends.tolist()
+        return f"LearnedVPSDE(gamma_min={g0:.3g}, gamma_max={g1:.3g}, T={self.T})"
+
+
 @hookimpl
 def sdeflow_register_sdes(register):
     register("vp", VPSDE)
     register("subvp", SubVPSDE)
     register("ve", VESDE)
+    register("learned_vp", LearnedVPSDE)

@@ -1,0 +1,103 @@
+"""What training minimises, as one module: the loss of the composed model with every component that
+has parameters inside it (the network, and an SDE, parameterization, loss or time sampler that is an
+``nn.Module``), so DDP wraps it whole, the optimizer and the EMA see all of it, and a checkpoint
+saves all of it.
+
+A component is *trainable* when it has parameters of its own that require gradients. Only a loss that
+bounds the likelihood trains components other than the network: a loss says which kinds it trains in
+``Loss.trains`` (the default: the network and the parameterization). A component that needs the
+per-example loss before the backward pass (the learned VP's variance gradient) defines
+``observe_loss(loss)``; the trainer calls it with the loss before backward and with None after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+TRAINABLE_KINDS = ("sde", "parameterization", "loss", "time_sampler")
+
+
+def own_parameters(component: Any, inside: tuple[Any, ...] = ()) -> list[nn.Parameter]:
+    """The trainable parameters of ``component`` that are not those of the modules ``inside`` it (a
+    parameterization holds the network and the SDE, which are counted on their own)."""
+    if not isinstance(component, nn.Module):
+        return []
+    others = {id(p) for m in inside if isinstance(m, nn.Module) for p in m.parameters()}
+    return [p for p in component.parameters() if p.requires_grad and id(p) not in others]
+
+
+def check_trainable(exp, components: dict[str, Any]) -> None:
+    """Every component with trainable parameters is one the loss trains (``Loss.trains``), and each
+    ``train.component_lr`` key names a trainable component; else a :class:`ConfigError` naming both keys."""
+    loss = components["loss"]
+    trains = getattr(loss, "trains", frozenset({"parameterization"}))
+    inside = {"parameterization": tuple(components.get(k) for k in ("network", "sde"))}
+    trainable = {kind for kind in TRAINABLE_KINDS
+                 if kind in components and own_parameters(components[kind], inside.get(kind, ()))}
+    spec = lambda kind: "{" + ", ".join(f"{k}: {v}" for k, v in exp.components[kind].items()) + "}"  # noqa: E731
+    for kind in sorted(trainable - set(trains)):
+        raise ConfigError(f"{exp.source}: {kind}: {spec(kind)} has trainable parameters, which loss: {spec('loss')} "
+                          f"does not train (it is not a bound on the likelihood); use a loss that is, such as "
+                          f"{{name: elbo}}, or a {kind} without parameters")
+    for kind, rate in exp.train.component_lr.items():
+        if kind not in TRAINABLE_KINDS:
+            raise ConfigError(f"{exp.source}: train.component_lr.{kind}: not a component kind with parameters of its "
+                              f"own; expected one of {', '.join(TRAINABLE_KINDS)}")
+        if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):
+            raise ConfigError(f"{exp.source}: train.component_lr.{kind}: must be a positive learning rate, "
+                              f"got {rate!r}")
+
+
+class Objective(nn.Module):
+    """``objective(z)`` = the per-example training loss of ``model`` on z, its times from ``time_sampler``."""
+
+    def __init__(self, model: nn.Module, loss: Any, time_sampler: Any):
+        super().__init__()
+        self.model = model
+        self.loss = loss  # registered as a submodule when it is one, else a plain attribute
+        self.time_sampler = time_sampler
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model, z, self.time_sampler)
+
+    def components(self) -> dict[str, Any]:
+        return {"sde": self.model.sde, "parameterization": self.model.parameterization, "loss": self.loss,
+                "time_sampler": self.time_sampler}
+
+    def trainable(self) -> dict[str, list[nn.Parameter]]:
+        """{kind: its own trainable parameters} for the components other than the network that have any."""
+        parts = self.components()
+        inside = {"parameterization": (self.model.network, self.model.sde)}
+        found = {kind: own_parameters(parts[kind], inside.get(kind, ())) for kind in TRAINABLE_KINDS}
+        return {kind: params for kind, params in found.items() if params}
+
+    def observe_loss(self, loss: torch.Tensor | None) -> None:
+        """Hand the per-example loss (None: the step is over) to every component that asks for it."""
+        for part in dict.fromkeys(self.components().values()):
+            if hasattr(part, "observe_loss"):
+                part.observe_loss(loss)
+
+    def param_groups(self, lr: float, component_lr: dict[str, float]) -> list[dict[str, Any]]:
+        """The optimizer's groups: the network (and anything without a rate of its own) at ``lr``, then
+        each trainable component at ``component_lr[kind]`` (default ``lr``), in TRAINABLE_KINDS order."""
+        trainable = self.trainable()
+        separate = {kind: params for kind, params in trainable.items() if kind in component_lr}
+        apart = {id(p) for params in separate.values() for p in params}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in apart], "lr": lr}]
+        groups += [{"params": params, "lr": component_lr[kind]} for kind, params in separate.items()]
+        return groups
+
+    def component_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """State of the loss and time sampler when they are modules with any (the model's is saved as
+        ``model``, SDE and parameterization included)."""
+        return {kind: part.state_dict() for kind, part in (("loss", self.loss), ("time_sampler", self.time_sampler))
+                if isinstance(part, nn.Module) and part.state_dict()}
+
+    def load_component_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for kind, values in state.items():
+            getattr(self, kind).load_state_dict(values)
