@@ -23,3 +23,24 @@ def test_an_experiment_built_from_the_example_plugin_trains_evaluates_and_sample
     assert "sdeflow-example-plugin" in plugins and "plugin: example" in plugins
     status, out, _ = run_cli(capsys, "sample", run, "--num", "8", "--out", tmp_path / "s.png")
     assert status == 0 and (tmp_path / "s.png").exists()
+
+
+def test_a_third_party_trainable_sde_is_trained_by_the_bound_and_refused_with_dsm(tmp_path, capsys):
+    """vp_learned_beta is an nn.Module with one parameter and nothing else: the kernel trains β (with
+    the ELBO loss), keeps it in the checkpoint and its EMA, and refuses σ²-weighted DSM for it."""
+    import torch
+
+    from sdeflow.checkpoint import load
+
+    sde = {"name": "vp_learned_beta", "beta": 5.0}
+    path = write_experiment(tmp_path, tiny_config(sde=sde, loss={"name": "elbo"},
+                                                  train={"steps": 4, "component_lr": {"sde": 0.1}}))
+    run = tmp_path / "run"
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run)
+    assert status == 0, err
+    state = load(run / "checkpoints" / "last.pt")
+    beta = torch.nn.functional.softplus(state["model"]["sde.rho"])
+    assert abs(float(beta) - 5.0) > 0.05 and "sde.rho" in state["ema"]  # four steps at rate 0.1 moved it
+    refused = write_experiment(tmp_path, tiny_config(sde=sde), filename="dsm.yaml")
+    status, _, err = run_cli(capsys, "check", refused)
+    assert status == 2 and "sde: {name: vp_learned_beta" in err and "not a bound on the likelihood" in err

@@ -5,12 +5,13 @@ from __future__ import annotations
 from sdeflow.hookspecs import hookimpl
 
 from .network import ResMLP
-from .sde import ConstantBetaVP
+from .sde import ConstantBetaVP, LearnedBetaVP
 
 
 @hookimpl
 def sdeflow_register_sdes(register) -> None:
     register("vp_const", ConstantBetaVP)
+    register("vp_learned_beta", LearnedBetaVP)
 
 
 @hookimpl

@@ -1,14 +1,22 @@
-"""A variance-preserving SDE with a constant noise rate β (MATH.md §1 with β_min = β_max = β)."""
+"""Variance-preserving SDEs with a constant noise rate β (MATH.md §1 with β_min = β_max = β): a fixed one,
+and one whose β is a trainable parameter (an SDE that is also an ``nn.Module``)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from sdeflow.errors import require
 from sdeflow.interfaces import SDE, gaussian_log_prob
+
+
+def check_arguments(beta: float, T: float, t_eps: float) -> None:
+    require(beta > 0, "beta", f"must be positive, got {beta}")
+    require(T > 0, "T", f"must be positive, got {T}")
+    require(0 < t_eps < T, "t_eps", f"must be in (0, T) = (0, {T}), got {t_eps}")
 
 
 class ConstantBetaVP(SDE):
@@ -19,9 +27,7 @@ class ConstantBetaVP(SDE):
     """
 
     def __init__(self, beta: float = 5.0, T: float = 1.0, t_eps: float = 1e-3):
-        require(beta > 0, "beta", f"must be positive, got {beta}")
-        require(T > 0, "T", f"must be positive, got {T}")
-        require(0 < t_eps < T, "t_eps", f"must be in (0, T) = (0, {T}), got {t_eps}")
+        check_arguments(beta, T, t_eps)
         self.beta = float(beta)
         self.T = float(T)
         self.t_eps = float(t_eps)
@@ -47,3 +53,28 @@ class ConstantBetaVP(SDE):
 
     def __repr__(self) -> str:
         return f"ConstantBetaVP(beta={self.beta}, T={self.T}, t_eps={self.t_eps})"
+
+
+class LearnedBetaVP(nn.Module, ConstantBetaVP):
+    """ConstantBetaVP with β = softplus(ρ) learned: being an ``nn.Module`` with a parameter is all it takes
+    for the kernel to train it (with a loss that bounds the likelihood, e.g. ``loss: {name: elbo}``),
+    average it in the EMA, all-reduce it under DDP and save it in checkpoints."""
+
+    def __init__(self, beta: float = 5.0, T: float = 1.0, t_eps: float = 1e-3):
+        check_arguments(beta, T, t_eps)
+        nn.Module.__init__(self)
+        self.T, self.t_eps = float(T), float(t_eps)
+        self.rho = nn.Parameter(torch.tensor(math.log(math.expm1(beta))))  # softplus(ρ) = β at the start
+
+    @property
+    def beta(self) -> Tensor:
+        return F.softplus(self.rho)
+
+    def f(self, y: Tensor, t: Tensor) -> Tensor:
+        return -0.5 * self.beta.to(y.dtype) * y
+
+    def g(self, t: Tensor) -> Tensor:
+        return torch.sqrt(self.beta.to(t.dtype)).expand_as(t)
+
+    def __repr__(self) -> str:
+        return f"LearnedBetaVP(beta={float(self.beta):.4g}, T={self.T}, t_eps={self.t_eps})"
