@@ -40,7 +40,7 @@ def test_plugins_json(plugin_env, capsys):
     (example,) = [item for item in items if item["name"] == "example"]
     assert example["version"] == "0.1.0"
     assert set(example["hooks"]) == {"sdeflow_register_sdes", "sdeflow_register_networks"}
-    assert set(example["components"]) == {"sde:vp_const", "network:resmlp"}
+    assert set(example["components"]) == {"sde:vp_const", "sde:vp_learned_beta", "network:resmlp"}
 
 
 def test_components_json_of_one_kind(plugin_env, capsys):

@@ -115,7 +115,7 @@ def test_example_plugin_is_discovered_from_its_distribution(plugin_env):
     assert (info.distribution, info.version) == ("sdeflow-example-plugin", "0.1.0")
     assert set(info.hooks) == {"sdeflow_register_sdes", "sdeflow_register_networks"}
     components = {(c.kind, c.name) for c in plugin_components(registry, "example")}
-    assert components == {("sde", "vp_const"), ("network", "resmlp")}
+    assert components == {("sde", "vp_const"), ("sde", "vp_learned_beta"), ("network", "resmlp")}
 
 
 def test_builtin_plugins_are_discovered_through_entry_points(plugin_env, repo_root):

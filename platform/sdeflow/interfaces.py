@@ -150,6 +150,15 @@ class TabulatedTimeDensity(TimeDensity):
         self.T = sde.T
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
+    @classmethod
+    def from_mass(cls, knots: Tensor, mass: Tensor, T: float) -> TabulatedTimeDensity:
+        """The density whose CDF is ``mass / mass[-1]``, linear between ``knots`` (from 0 to T, float64)."""
+        density = cls.__new__(cls)
+        density.knots, density.Z, density.T = knots, float(mass[-1]), T
+        density.cum = mass / density.Z
+        density._on_device = {}
+        return density
+
     def _table(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The table on ``like``'s device, copied there once (not on every training step)."""
         if like.device not in self._on_device:

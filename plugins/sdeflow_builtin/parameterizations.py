@@ -1,4 +1,4 @@
-"""What the network's output means: the drift a, the score s or the noise ε (MATH.md §2)."""
+"""What the network's output means: the drift a, the score s, the noise ε or the velocity v (MATH.md §2)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,32 @@ class Noise(Parameterization):
         return bcast(self.sde.g(t), y) * self.score(y, t)
 
 
+class Velocity(Parameterization):
+    """v-prediction (Salimans & Ho 2022): v̂ = n(y, t) for v = m ε − σ x, y = m x + σ ε. The pair (y, v) is
+    (x, ε) rotated and scaled by m² + σ² (1 for VP), so ε̂ = (σ y + m v̂)/(m² + σ²), x̂ = (m y − σ v̂)/(m² + σ²),
+    s = −ε̂/σ and a = g s (MATH.md §2)."""
+
+    def velocity(self, y: Tensor, t: Tensor) -> Tensor:
+        return self.net(y, t)
+
+    def noise(self, y: Tensor, t: Tensor) -> Tensor:
+        m, sigma = bcast(self.sde.m(t), y), bcast(self.sde.sigma(t), y)
+        return (sigma * y + m * self.velocity(y, t)) / (m**2 + sigma**2)
+
+    def data(self, y: Tensor, t: Tensor) -> Tensor:
+        m, sigma = bcast(self.sde.m(t), y), bcast(self.sde.sigma(t), y)
+        return (m * y - sigma * self.velocity(y, t)) / (m**2 + sigma**2)
+
+    def score(self, y: Tensor, t: Tensor) -> Tensor:
+        return -self.noise(y, t) / bcast(self.sde.sigma(t), y)
+
+    def drift(self, y: Tensor, t: Tensor) -> Tensor:
+        return bcast(self.sde.g(t), y) * self.score(y, t)
+
+
 @hookimpl
 def sdeflow_register_parameterizations(register):
     register("drift", Drift)
     register("score", Score)
     register("noise", Noise)
+    register("velocity", Velocity)

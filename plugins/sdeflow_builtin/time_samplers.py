@@ -1,12 +1,16 @@
-"""Time samplers returning (t, q(t)): uniform, and the paper's debiased importance sampler (MATH.md §6)."""
+"""Time samplers returning (t, q(t)): uniform, the paper's debiased importance sampler (MATH.md §6) and
+uniform in log-SNR (MATH.md §13)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
+from sdeflow.errors import InvalidArgument
 from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import SDE, TimeSampler
+from sdeflow.interfaces import SDE, TabulatedTimeDensity, TimeSampler, parameter_values
 
 
 def _u(n: int, device, generator) -> Tensor:
@@ -46,7 +50,52 @@ class Debiased(TimeSampler):
         return t.float(), density.pdf(t).float()
 
 
+def log_snr(sde: SDE, t: Tensor) -> Tensor:
+    """λ(t) = log(m(t)² / σ(t)²)."""
+    return 2 * (torch.log(sde.m(t)) - torch.log(sde.sigma(t)))
+
+
+@torch.no_grad()
+def log_snr_density(sde: SDE, points: int = 4001) -> TabulatedTimeDensity:
+    """q(t) ∝ −λ′(t) on [t_ε, T], continued flat below t_ε at q(t_ε) (as ``debiased`` is), from λ on
+    log-spaced knots: the CDF is (head + λ(t_ε) − λ(t)) / Z, exact at the knots, linear between them."""
+    knots = torch.logspace(math.log10(sde.t_eps), math.log10(sde.T), points, dtype=torch.float64)
+    lam = log_snr(sde, knots).to(torch.float64)
+    if not bool((lam.diff() < 0).all()):
+        raise InvalidArgument("time_sampler", f"log_snr needs a log-SNR that falls with t; {sde!r}'s does not")
+    head = sde.t_eps * float((lam[0] - lam[1]) / (knots[1] - knots[0]))  # t_ε × q(t_ε), unnormalised
+    mass = torch.cat([torch.zeros(1, dtype=torch.float64), head + (lam[0] - lam)])
+    return TabulatedTimeDensity.from_mass(torch.cat([torch.zeros(1, dtype=torch.float64), knots]), mass, sde.T)
+
+
+class LogSNR(TimeSampler):
+    """t uniform in log-SNR λ = log(m²/σ²) between λ(T) and λ(t_ε) (Kingma et al. 2021; Kingma & Gao 2023),
+    by numeric inversion of λ for any SDE, with a flat head on [0, t_ε] so every weighting on [0, T] stays
+    unbiased. For VP, −λ′ = g²/σ², so above t_ε this is the likelihood weighting's own density."""
+
+    def density_of(self, sde: SDE) -> TabulatedTimeDensity:
+        """The SDE's log-SNR density, built once and again when its parameters change."""
+        key = parameter_values(sde)
+        cached = sde.__dict__.get("_log_snr_density")
+        if cached is None or len(cached[0]) != len(key) or not all(map(torch.equal, cached[0], key)):
+            cached = (key, log_snr_density(sde))
+            sde.__dict__["_log_snr_density"] = cached
+        return cached[1]
+
+    def density(self, sde: SDE, t: Tensor) -> Tensor:
+        return self.density_of(sde).pdf(t)
+
+    def sample(self, sde: SDE, n: int, *, device=None, generator=None) -> tuple[Tensor, Tensor]:
+        return self.sample_u(sde, _u(n, device, generator))
+
+    def sample_u(self, sde: SDE, u: Tensor) -> tuple[Tensor, Tensor]:
+        density = self.density_of(sde)
+        t = density.icdf(u)
+        return t.float(), density.pdf(t).float()
+
+
 @hookimpl
 def sdeflow_register_time_samplers(register):
     register("uniform", Uniform)
     register("debiased", Debiased)
+    register("log_snr", LogSNR)
