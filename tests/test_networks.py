@@ -11,7 +11,7 @@ from sdeflow.registry import build_registry
 from sdeflow.schema import check_arguments
 from sdeflow_builtin.networks import MLP, UNet
 from sdeflow_builtin.networks.embedding import batch_times, sinusoidal_embedding
-from sdeflow_builtin.networks.unet import SelfAttention, Upsample
+from sdeflow_builtin.networks.unet import ResBlock, SelfAttention, Upsample
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
 
@@ -25,9 +25,41 @@ def n_attention(module: torch.nn.Module) -> int:
 
 
 def randomise_output_layer(net: UNet) -> None:
-    """Make the zero-initialised output conv non-zero so comparisons are not trivially 0 == 0."""
+    """Make the zero-initialised layers (the output conv, each residual branch's last conv, each
+    attention's output projection) non-zero so comparisons are not trivially 0 == 0."""
     with torch.no_grad():
         net.conv_out.weight.normal_(0, 0.05)
+        for m in net.modules():
+            if isinstance(m, ResBlock):
+                m.conv2.weight.normal_(0, 0.05)
+            if isinstance(m, SelfAttention):
+                m.proj_out.weight.normal_(0, 0.05)
+
+
+def test_every_block_starts_as_the_identity_and_qkv_as_three_separate_layers():
+    """DDPM's initialisation: the last conv of every residual branch and the attention output projection
+    are zero, so a block maps x to its shortcut of x; q, k and v each have the bound √(3/fan_avg) of a
+    separate C → C layer, not of the fused C → 3C one."""
+    torch.manual_seed(0)
+    net = UNet((3, 16, 16), ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=4)
+    temb = torch.randn(2, 64)
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    attentions = [m for m in net.modules() if isinstance(m, SelfAttention)]
+    assert blocks and attentions
+    for block in blocks:
+        assert torch.count_nonzero(block.conv2.weight) == 0 and torch.count_nonzero(block.conv2.bias) == 0
+        inp = torch.randn(2, block.conv1.in_channels, 8, 8)
+        assert torch.equal(block(inp, temb[:, : block.temb_proj.in_features]), block.shortcut(inp))
+    for attention in attentions:
+        C = attention.proj_out.in_features
+        assert torch.count_nonzero(attention.proj_out.weight) == 0
+        y = torch.randn(2, C, 4, 4)
+        assert torch.equal(attention(y), y)
+        bound = (3.0 / C) ** 0.5  # fan_avg = (C + C)/2 for each of q, k, v
+        for part in attention.qkv.weight.split(C):
+            part = part.detach()
+            assert float(part.abs().max()) <= bound and float(part.abs().max()) > 0.9 * bound
+            assert float(part.std()) == pytest.approx(bound / 3**0.5, rel=0.1)  # U(±b) has std b/√3
 
 
 def test_mnist_preset_matches_the_reference_parameter_count():
@@ -109,14 +141,18 @@ def test_output_is_zero_at_initialisation(factory, shape):
 
 
 @pytest.mark.parametrize("factory, shape", [(lambda s: UNet(s, **TINY), (1, 8, 8)), (MLP, (2,))])
-def test_time_conditioning_reaches_the_output_after_one_step(factory, shape):
+def test_time_conditioning_reaches_the_output_after_two_steps(factory, shape):
+    """Two, not one: the U-net's residual branches start at zero and get no gradient while the output
+    conv is still zero, so time (which enters through the branches) shows from the second step on."""
     torch.manual_seed(0)
     net = factory(shape)
     y = torch.randn(4, *shape)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    loss = ((net(y, torch.rand(4)) - torch.randn_like(y)) ** 2).mean()
-    loss.backward()
-    optimizer.step()
+    target = torch.randn_like(y)
+    for _ in range(2):
+        optimizer.zero_grad()
+        ((net(y, torch.rand(4)) - target) ** 2).mean().backward()
+        optimizer.step()
     with torch.no_grad():
         early, late = net(y, torch.full((4,), 0.1)), net(y, torch.full((4,), 0.9))
     assert early.abs().max() > 0
