@@ -304,3 +304,29 @@ def test_yaml_values_fit_the_unet_schema():
     checked = check_arguments({"ch_mult": [1, 2, 2], "preset": "mnist", "dropout": 0}, schema, "x", "unet")
     assert checked == {"ch_mult": (1, 2, 2), "preset": "mnist", "dropout": 0.0}
     assert n_parameters(UNet((1, 28, 28), **checked)) == 1_539_329
+
+
+def test_fourier_features_are_the_sines_and_cosines_of_the_input_at_powers_of_two():
+    from sdeflow_builtin.networks.embedding import FourierFeatures
+
+    features = FourierFeatures([1, 3])
+    y = torch.randn(2, 3, 4, 4)
+    out = features(y)
+    assert out.shape == (2, 3 * 7, 4, 4) and features.channels(3) == 21
+    assert torch.equal(out[:, :3], y)
+    k = 2  # the second exponent of [1, 3], channel 1: sin block first, then cos
+    assert torch.allclose(out[:, 3 + 1 * 3 + 1], torch.sin(2.0**k * torch.pi * y[:, 1]), atol=1e-6)
+    assert torch.allclose(out[:, 12 + 1 * 3 + 1], torch.cos(2.0**k * torch.pi * y[:, 1]), atol=1e-6)
+    assert not features.state_dict()  # a checkpoint without them still loads
+    with pytest.raises(InvalidArgument, match="fourier_features: must be \\[min_exp, max_exp\\]"):
+        FourierFeatures([3, 1])
+
+
+@pytest.mark.parametrize("factory, shape", [(lambda s, **kw: UNet(s, **TINY, **kw), (1, 8, 8)), (MLP, (2,))])
+def test_networks_take_fourier_features_and_still_start_at_zero(factory, shape):
+    net = factory(shape, fourier_features=[6, 7])
+    y = torch.randn(4, *shape)
+    out = net(y, torch.rand(4))
+    assert out.shape == y.shape and torch.equal(out, torch.zeros_like(out))
+    first = net.conv_in if hasattr(net, "conv_in") else net.input
+    assert first.weight.shape[1] == 5 * shape[0]  # y and sin, cos at two frequencies

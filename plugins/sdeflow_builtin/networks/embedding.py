@@ -8,10 +8,13 @@ designed for (raw τ would put every time in the first, slowest-varying period o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from sdeflow.errors import require
 
 
 def batch_times(tau: Tensor | float, batch: int, device: torch.device | None = None) -> Tensor:
@@ -56,3 +59,24 @@ class TimeEmbedding(nn.Module):
         steps = self.time_scale * batch_times(tau, batch, self.fc1.weight.device)
         embedding = sinusoidal_embedding(steps, self.embed_dim).to(self.fc1.weight.dtype)
         return self.fc2(F.silu(self.fc1(embedding)))
+
+
+class FourierFeatures(nn.Module):
+    """VDM's Fourier features (Kingma et al. 2021, App. C): y ↦ [y, sin(2ᵏ π y), cos(2ᵏ π y)] for
+    k = min_exp … max_exp, on every channel (dimension 1), so the fine detail of the input that the
+    likelihood depends on reaches the first layer. ``channels(c)`` is the width it turns c into."""
+
+    def __init__(self, exponents: Sequence[int]):
+        super().__init__()
+        require(len(exponents) == 2 and all(float(e).is_integer() for e in exponents)
+                and exponents[0] <= exponents[1], "fourier_features",
+                f"must be [min_exp, max_exp], integers with min_exp ≤ max_exp, got {list(exponents)}")
+        k = torch.arange(int(exponents[0]), int(exponents[1]) + 1, dtype=torch.float32)
+        self.register_buffer("frequencies", 2.0**k * math.pi, persistent=False)  # checkpoints stay as they were
+
+    def channels(self, c: int) -> int:
+        return c * (1 + 2 * len(self.frequencies))
+
+    def forward(self, y: Tensor) -> Tensor:
+        angles = y.unsqueeze(2) * self.frequencies.view(1, 1, -1, *[1] * (y.ndim - 2)).to(y.dtype)
+        return torch.cat([y, torch.sin(angles).flatten(1, 2), torch.cos(angles).flatten(1, 2)], dim=1)

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from sdeflow.errors import require
 
-from .embedding import TimeEmbedding
+from .embedding import FourierFeatures, TimeEmbedding
 from .group_norm_silu import group_norm_silu, is_channels_last
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -217,7 +217,8 @@ class UNet(nn.Module):
     ``attn_resolutions`` with sdeflow-light's configurations; any of those you also set to a value
     other than its default wins. Attention is added after every residual block whose feature map has
     a height in ``attn_resolutions``, and always in the middle. Time enters as a sinusoidal embedding
-    of ``time_scale · τ`` followed by an MLP to 4·ch features.
+    of ``time_scale · τ`` followed by an MLP to 4·ch features. ``fourier_features: [min_exp, max_exp]``
+    adds VDM's Fourier features of the input (``FourierFeatures``) before the first convolution.
     """
 
     def __init__(
@@ -234,6 +235,7 @@ class UNet(nn.Module):
         num_groups: int = 32,
         time_scale: float = 999.0,
         preset: Literal["mnist", "cifar10"] | None = None,
+        fourier_features: tuple[int, int] | None = None,
     ):
         super().__init__()
         arch = _resolve_preset(
@@ -253,7 +255,8 @@ class UNet(nn.Module):
         self.time_embedding = TimeEmbedding(ch, 4 * ch, 4 * ch, time_scale)
         for layer in (self.time_embedding.fc1, self.time_embedding.fc2):
             variance_scaling_(layer)
-        self.conv_in = conv3x3(in_channels, ch)
+        self.features = FourierFeatures(fourier_features) if fourier_features is not None else nn.Identity()
+        self.conv_in = conv3x3(self.features.channels(in_channels) if fourier_features else in_channels, ch)
         sizes = _spatial_sizes(data_shape[1], len(ch_mult), resamp_with_conv)
         skip_channels = self._build_down(ch, sizes, attn_resolutions, dropout, num_groups, resamp_with_conv)
         mid = ch * ch_mult[-1]
@@ -300,7 +303,7 @@ class UNet(nn.Module):
     def forward(self, y: Tensor, tau: Tensor) -> Tensor:
         # SiLU(temb) is what every block projects; compute it once.
         temb_act = F.silu(self.time_embedding(tau, y.shape[0]))
-        h = self.conv_in(y)
+        h = self.conv_in(self.features(y))
         skips = [h]
         for i, level in enumerate(self.down):
             for block, attention in zip(level.blocks, level.attention, strict=True):
