@@ -10,8 +10,11 @@ cached statistics of the training images; floor: ``--num`` test images), on a sh
 setting runs ``--num`` images through Inception (about 7 images/s on 2 CPU cores):
 
     python benchmarks/elbo_variance.py --write-blob-mnist blob --n-train 2048 --n-test 512
-    sdeflow train experiments/mnist.yaml data.root=blob data.download=false data.n_val=128 ...  # see the README
-    python benchmarks/sampling.py runs/mnist --num 500 --seeds 1
+    sdeflow train experiments/mnist.yaml --run-dir runs/blob device=cpu data.root=blob data.download=false \
+        data.n_val=128 network.ch=16 'network.ch_mult=[1,2]' network.num_res_blocks=1 \
+        'network.attn_resolutions=[]' network.num_groups=8 train.steps=3000 train.lr=2e-3 train.ema=0.999 \
+        train.num_workers=0 eval.max_examples=64 eval.samples_per_example=1     # about 9 minutes
+    python benchmarks/sampling.py runs/blob --num 500 --seeds 1                 # about 50 minutes
 
 The reference is Euler–Maruyama λ = 0 (the reverse SDE) at 1000 steps; the summary gives, for each
 sampler, the fewest NFE at which it is at least as good, and that as a fraction of the reference's.
