@@ -78,6 +78,12 @@ class SDE(abc.ABC):
         form (MATH.md §9)."""
         return None
 
+    def network_time(self, t: Tensor) -> Tensor:
+        """τ ∈ [0, 1], what a network is conditioned on: t / T (the default). An SDE with a learned
+        schedule may return its normalised log-SNR instead, so the network is a function of the noise
+        level rather than of the clock (VDM)."""
+        return t / self.T
+
     def likelihood_weight(self, t: Tensor) -> Tensor:
         """r(t) = g(t)² / σ(t)²: the weight that turns σ²-weighted DSM into the ELBO (MATH.md §4)."""
         return self.g(t) ** 2 / self.sigma(t) ** 2
@@ -190,8 +196,8 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
 class Parameterization(nn.Module, abc.ABC):
     """Wraps a network and reads its output as the drift a, the score s or the noise ε (MATH.md §2).
 
-    Uses only the SDE's abstract interface. The network sees τ = t / T ∈ [0, 1] and scales it for
-    its own time embedding.
+    Uses only the SDE's abstract interface. The network sees the SDE's clock τ ∈ [0, 1]
+    (``SDE.network_time``: t / T unless the SDE has a better one) and scales it for its own embedding.
     """
 
     def __init__(self, network: nn.Module, sde: SDE):
@@ -200,7 +206,7 @@ class Parameterization(nn.Module, abc.ABC):
         self.sde = sde
 
     def net(self, y: Tensor, t: Tensor) -> Tensor:
-        return self.network(y, t / self.sde.T)
+        return self.network(y, self.sde.network_time(t))
 
     @abc.abstractmethod
     def drift(self, y: Tensor, t: Tensor) -> Tensor:

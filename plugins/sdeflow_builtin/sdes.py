@@ -222,7 +222,8 @@ class LearnedVPSDE(nn.Module, SDE):
 
     The endpoints are fixed unless ``learn_endpoints`` (then trained by the bound). The interior shape
     h is trained to minimise the variance of the per-example loss (``variance_interior``, VDM §5.1), or
-    by the bound like everything else.
+    by the bound like everything else. The network is conditioned on φ, the normalised γ
+    (``network_time``), as VDM's is on γ.
     """
 
     def __init__(self, gamma_min: float = -10.0, gamma_max: float = 10.0, learn_endpoints: bool = False,
@@ -259,6 +260,12 @@ class LearnedVPSDE(nn.Module, SDE):
 
     def gamma(self, t: Tensor) -> Tensor:
         return self.gamma_and_slope(t)[0].to(device=t.device, dtype=t.dtype)
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """τ = (γ(t) − γ₀)/(γ₁ − γ₀) = φ(t/T): the network sees the noise level, not the clock (VDM), so
+        the interior shape changes only where the noise levels are visited, not what the model is."""
+        tau = (t / self.T).to(device=self.h.w2.device, dtype=self.h.w2.dtype)
+        return self._shape(tau)[0].to(device=t.device, dtype=t.dtype)
 
     def B(self, t: Tensor) -> Tensor:
         """B(t) = ∫₀ᵗ β = softplus(γ(t)) − softplus(γ₀)."""
