@@ -174,6 +174,9 @@ def test_per_component_rates_and_an_ema_that_tracks_the_sde(tmp_path):
     start = torch.tensor([-10.0, 10.0])
     assert not torch.equal(state["model"]["sde.ends"], start)  # the endpoints were trained
     assert not torch.equal(state["ema"]["sde.ends"], state["model"]["sde.ends"])  # and averaged apart
+    train(experiment(tmp_path, "train.steps=6", "train.component_lr={sde: 0.01}", "train.ema=0.5",
+                     "train.ema_warmup=false", sde=LEARNED, loss={"name": "elbo"}), run_dir)  # a new rate on resume
+    assert load(run_dir / "checkpoints" / "last.pt")["optimizer"]["param_groups"][1]["lr"] == 0.01
     with pytest.raises(ConfigError, match="train.component_lr.sde: must be a positive learning rate"):
         train(experiment(tmp_path, "train.component_lr={sde: -1}", sde=LEARNED, loss={"name": "elbo"}), tmp_path / "x")
 

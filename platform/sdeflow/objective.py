@@ -83,13 +83,13 @@ class Objective(nn.Module):
                 part.observe_loss(loss)
 
     def param_groups(self, lr: float, component_lr: dict[str, float]) -> list[dict[str, Any]]:
-        """The optimizer's groups: the network (and anything without a rate of its own) at ``lr``, then
-        each trainable component at ``component_lr[kind]`` (default ``lr``), in TRAINABLE_KINDS order."""
+        """The optimizer's groups: the network (and all else) at ``lr``, then one group per trainable
+        component in TRAINABLE_KINDS order at ``component_lr[kind]`` (default ``lr``). The groups depend
+        on the model only, so a rate changed on resume loads the saved optimizer state as it is."""
         trainable = self.trainable()
-        separate = {kind: params for kind, params in trainable.items() if kind in component_lr}
-        apart = {id(p) for params in separate.values() for p in params}
+        apart = {id(p) for params in trainable.values() for p in params}
         groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in apart], "lr": lr}]
-        groups += [{"params": params, "lr": component_lr[kind]} for kind, params in separate.items()]
+        groups += [{"params": params, "lr": component_lr.get(kind, lr)} for kind, params in trainable.items()]
         return groups
 
     def component_state(self) -> dict[str, dict[str, torch.Tensor]]:
