@@ -77,3 +77,18 @@ def test_log_snr_of_a_trainable_sde_follows_its_parameters():
     with torch.no_grad():
         sde.h.w3.add_(3.0)
     assert not torch.allclose(before, sampler.density(sde, t))
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(beta_min=0.2, beta_max=10.0, T=1.5)], ids=["vp", "subvp"])
+def test_log_snr_is_inverted_in_closed_form_for_vp_and_subvp(sde):
+    from sdeflow_builtin.time_samplers import ClosedFormLogSNRDensity, log_snr_density
+
+    t = torch.linspace(sde.t_eps, sde.T, 101, dtype=torch.float64)
+    assert torch.allclose(sde.log_snr_inverse(log_snr(sde, t)), t, rtol=1e-9)
+    exact, table = LogSNR().density_of(sde), log_snr_density(sde)
+    assert isinstance(exact, ClosedFormLogSNRDensity)
+    u = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+    assert torch.allclose(exact.cdf(exact.icdf(u)), u, atol=1e-9)
+    assert torch.allclose(exact.icdf(u), table.icdf(u), atol=2e-3)  # the numeric inversion agrees
+    grid = torch.linspace(0, sde.T, 200_001, dtype=torch.float64)
+    assert float(torch.trapezoid(exact.pdf(grid), grid)) == pytest.approx(1.0, abs=1e-4)

@@ -35,6 +35,13 @@ class _LinearBeta(SDE):
         """B(t) = β_min t + ½ (β_max − β_min) t²."""
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
 
+    def B_inverse(self, B: Tensor) -> Tensor:
+        """t with B(t) = B: the positive root of ½ (β_max − β_min) t² + β_min t − B."""
+        slope = self.beta_max - self.beta_min
+        if slope == 0:
+            return B / self.beta_min
+        return 2 * B / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * slope * B))  # no cancellation at small B
+
     def f(self, y: Tensor, t: Tensor) -> Tensor:
         """f(y, t) = −½ β(t) y."""
         return -0.5 * bcast(self.beta(t), y) * y
@@ -73,6 +80,10 @@ class VPSDE(_LinearBeta):
         """Closed form (MATH.md §6)."""
         return VPLikelihoodTimeDensity(self)
 
+    def log_snr_inverse(self, lam: Tensor) -> Tensor:
+        """t with λ(t) = log(m²/σ²) = −log(e^B − 1) = λ: B = softplus(−λ) (MATH.md §13)."""
+        return self.B_inverse(torch.nn.functional.softplus(-lam))
+
 
 class SubVPSDE(_LinearBeta):
     """sub-VP SDE (Song et al. 2021): g² = β (1 − e^{−2B}), σ = 1 − e^{−B} (MATH.md §1)."""
@@ -82,6 +93,13 @@ class SubVPSDE(_LinearBeta):
 
     def sigma(self, t: Tensor) -> Tensor:
         return -torch.expm1(-self.B(t))
+
+    def log_snr_inverse(self, lam: Tensor) -> Tensor:
+        """t with λ(t) = log(u/(1 − u)²) = λ, u = e^{−B}: the root in (0, 1) of e^λ u² − (2e^λ + 1) u + e^λ,
+        u = 2e^λ / (2e^λ + 1 + √(4e^λ + 1)) (MATH.md §13)."""
+        e = torch.exp(lam)
+        u = 2 * e / (2 * e + 1 + torch.sqrt(4 * e + 1))
+        return self.B_inverse(-torch.log(u))
 
 
 class VESDE(SDE):

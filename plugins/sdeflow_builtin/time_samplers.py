@@ -10,7 +10,7 @@ from torch import Tensor
 
 from sdeflow.errors import InvalidArgument
 from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import SDE, TabulatedTimeDensity, TimeSampler, parameter_values
+from sdeflow.interfaces import SDE, TabulatedTimeDensity, TimeDensity, TimeSampler, parameter_values
 
 
 def _u(n: int, device, generator) -> Tensor:
@@ -68,17 +68,54 @@ def log_snr_density(sde: SDE, points: int = 4001) -> TabulatedTimeDensity:
     return TabulatedTimeDensity.from_mass(torch.cat([torch.zeros(1, dtype=torch.float64), knots]), mass, sde.T)
 
 
+class ClosedFormLogSNRDensity(TimeDensity):
+    """q(t) ∝ −λ′(t) on [t_ε, T], flat at q(t_ε) below, for an SDE that inverts its log-SNR in closed form
+    (``log_snr_inverse``: VP, sub-VP): the CDF is (head + λ(t_ε) − λ(t)) / Z exactly, t = λ⁻¹ of a uniform λ."""
+
+    def __init__(self, sde: SDE):
+        self.sde = sde
+        ends = torch.tensor([sde.t_eps, sde.T], dtype=torch.float64)
+        self.lam_eps, self.lam_T = log_snr(sde, ends).tolist()
+        self.q_eps = float(self.slope(ends[:1]))
+        self.head = sde.t_eps * self.q_eps
+        self.Z = self.head + self.lam_eps - self.lam_T
+
+    def slope(self, t: Tensor) -> Tensor:
+        """−λ′(t), by autograd in float64."""
+        with torch.enable_grad():
+            t = t.detach().to(torch.float64).requires_grad_(True)
+            (grad,) = torch.autograd.grad(log_snr(self.sde, t).sum(), t)
+        return -grad
+
+    def pdf(self, t: Tensor) -> Tensor:
+        t64 = t.to(torch.float64)
+        return (self.slope(t64.clamp(min=self.sde.t_eps, max=self.sde.T)) / self.Z).to(t.dtype)
+
+    def cdf(self, t: Tensor) -> Tensor:
+        t64 = t.to(torch.float64).clamp(0, self.sde.T)
+        above = self.head + self.lam_eps - log_snr(self.sde, t64.clamp(min=self.sde.t_eps))
+        return (torch.where(t64 < self.sde.t_eps, t64 * self.q_eps, above) / self.Z).to(t.dtype)
+
+    def icdf(self, u: Tensor) -> Tensor:
+        mass = u.to(torch.float64).clamp(0, 1) * self.Z
+        lam = self.lam_eps - (mass - self.head).clamp(min=0)
+        t = torch.where(mass <= self.head, mass / self.q_eps, self.sde.log_snr_inverse(lam))
+        return t.clamp(0, self.sde.T).to(u.dtype)
+
+
 class LogSNR(TimeSampler):
     """t uniform in log-SNR λ = log(m²/σ²) between λ(T) and λ(t_ε) (Kingma et al. 2021; Kingma & Gao 2023),
-    by numeric inversion of λ for any SDE, with a flat head on [0, t_ε] so every weighting on [0, T] stays
-    unbiased. For VP, −λ′ = g²/σ², so above t_ε this is the likelihood weighting's own density."""
+    in closed form where the SDE inverts λ (``log_snr_inverse``: VP, sub-VP), else by numeric inversion,
+    with a flat head on [0, t_ε] so every weighting on [0, T] stays unbiased. For VP, −λ′ = g²/σ², so
+    above t_ε this is the likelihood weighting's own density."""
 
-    def density_of(self, sde: SDE) -> TabulatedTimeDensity:
+    def density_of(self, sde: SDE) -> TimeDensity:
         """The SDE's log-SNR density, built once and again when its parameters change."""
         key = parameter_values(sde)
         cached = sde.__dict__.get("_log_snr_density")
         if cached is None or len(cached[0]) != len(key) or not all(map(torch.equal, cached[0], key)):
-            cached = (key, log_snr_density(sde))
+            exact = hasattr(sde, "log_snr_inverse")  # an optional SDE method, like linear_drift
+            cached = (key, ClosedFormLogSNRDensity(sde) if exact else log_snr_density(sde))
             sde.__dict__["_log_snr_density"] = cached
         return cached[1]
 
