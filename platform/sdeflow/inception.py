@@ -143,14 +143,6 @@ class Statistics:
         sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
         return cls(mu=mu, sigma=sigma, n=n, pool=torch.cat(pool))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"mu": self.mu, "sigma": self.sigma, "n": self.n, "pool": self.pool}
-
-
-def features(extractor: InceptionFeatures, images: Iterable[Tensor]) -> Iterable[Tensor]:
-    for batch in images:
-        yield extractor(batch)
-
 
 def cache_folder(configured: str | None) -> Path:
     """eval.fid_cache, else $SDEFLOW_CACHE/fid, else $XDG_CACHE_HOME (~/.cache)/sdeflow/fid."""
@@ -166,19 +158,18 @@ def cached_statistics(extractor: InceptionFeatures, images: Iterable[Tensor], *,
     """The statistics of ``images`` (described by ``key``: data set, split, count), computed once and
     kept in ``folder`` as ``label-<hash>.pt``, the hash of the key, the extractor's sha1 and the
     preprocessing."""
-    what = {**key, "extractor": extractor.digest, "preprocessing": PREPROCESSING}
-    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = folder / f"{label}-{digest}.pt"
+    text = json.dumps({**key, "extractor": extractor.digest, "preprocessing": PREPROCESSING}, sort_keys=True,
+                      default=str)
+    what = json.loads(text)  # as it reads back from the file
+    path = folder / f"{label}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored.get("key") == json.loads(json.dumps(what, sort_keys=True, default=str)):
+            if stored.get("key") == what:
                 return Statistics(**stored["statistics"]), path
         except Exception:  # noqa: BLE001 - a torn or foreign cache file is recomputed, never trusted
             pass
-    stats = Statistics.of(features(extractor, images))
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        torch.save({"key": json.loads(json.dumps(what, sort_keys=True, default=str)),
-                    "statistics": stats.to_dict()}, f)
+    stats = Statistics.of(extractor(batch) for batch in images)
+    with atomic_file(path) as f:  # creates the folder
+        torch.save({"key": what, "statistics": attrs.asdict(stats)}, f)
     return stats, path

@@ -96,13 +96,7 @@ class SDE(abc.ABC):
     def likelihood_time_density(self) -> TimeDensity:
         """The density q(t) ∝ w(t) on [0, T] (MATH.md §6), built by :meth:`make_likelihood_time_density`
         once, and again whenever the SDE's parameters have changed (a trainable SDE's is never stale)."""
-        key = parameter_values(self)
-        cached = self.__dict__.get("_likelihood_time_density")
-        if cached is None or len(cached[0]) != len(key) or not all(map(torch.equal, cached[0], key)):
-            with torch.no_grad():  # importance weights are constants: the gradient flows through w and ℓ only
-                cached = (key, self.make_likelihood_time_density())
-            self.__dict__["_likelihood_time_density"] = cached
-        return cached[1]
+        return derived(self, "_likelihood_time_density", self.make_likelihood_time_density)
 
     def make_likelihood_time_density(self) -> TimeDensity:
         """Tabulated unless a subclass has a closed form."""
@@ -113,10 +107,17 @@ class SDE(abc.ABC):
         return bcast(self.m(t), x) * x + bcast(self.sigma(t), x) * eps
 
 
-def parameter_values(component: Any) -> tuple[Tensor, ...]:
-    """Copies of a component's parameters (none unless it is an ``nn.Module``): what a table derived
-    from them depends on."""
-    return tuple(p.detach().clone() for p in component.parameters()) if isinstance(component, nn.Module) else ()
+def derived(component: Any, name: str, build: Callable[[], Any]) -> Any:
+    """``build()``, kept on ``component`` as ``name`` and built again whenever the component's parameters
+    have changed (a table derived from a trainable component is never stale). Built without a graph:
+    importance weights are constants, the gradient flows through w and ℓ only."""
+    key = tuple(p.detach().clone() for p in component.parameters()) if isinstance(component, nn.Module) else ()
+    cached = component.__dict__.get(name)
+    if cached is None or len(cached[0]) != len(key) or not all(map(torch.equal, cached[0], key)):
+        with torch.no_grad():
+            cached = (key, build())
+        component.__dict__[name] = cached
+    return cached[1]
 
 
 class TimeDensity(abc.ABC):
@@ -149,21 +150,20 @@ class TabulatedTimeDensity(TimeDensity):
         r_eps = float(r[0])
         area = torch.cumsum(0.5 * (r[1:] + r[:-1]) * knots.diff(), 0)
         mass = torch.cat([torch.zeros(1, dtype=torch.float64), area]) + sde.t_eps * r_eps
-        mass = torch.cat([torch.zeros(1, dtype=torch.float64), mass])
-        self.knots = torch.cat([torch.zeros(1, dtype=torch.float64), knots])
-        self.Z = float(mass[-1])
-        self.cum = mass / self.Z
-        self.T = sde.T
-        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        zero = torch.zeros(1, dtype=torch.float64)
+        self._tabulate(torch.cat([zero, knots]), torch.cat([zero, mass]), sde.T)
 
     @classmethod
     def from_mass(cls, knots: Tensor, mass: Tensor, T: float) -> TabulatedTimeDensity:
         """The density whose CDF is ``mass / mass[-1]``, linear between ``knots`` (from 0 to T, float64)."""
         density = cls.__new__(cls)
-        density.knots, density.Z, density.T = knots, float(mass[-1]), T
-        density.cum = mass / density.Z
-        density._on_device = {}
+        density._tabulate(knots, mass, T)
         return density
+
+    def _tabulate(self, knots: Tensor, mass: Tensor, T: float) -> None:
+        self.knots, self.Z, self.T = knots, float(mass[-1]), T
+        self.cum = mass / self.Z
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def _table(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The table on ``like``'s device, copied there once (not on every training step)."""

@@ -31,14 +31,21 @@ def own_parameters(component: Any, inside: tuple[Any, ...] = ()) -> list[nn.Para
     return [p for p in component.parameters() if p.requires_grad and id(p) not in others]
 
 
+def trainable_parameters(components: dict[str, Any]) -> dict[str, list[nn.Parameter]]:
+    """{kind: its own trainable parameters} for each component in ``components`` that has any; a
+    parameterization's exclude those of the network and SDE it holds (``components["network"]``, ``["sde"]``)."""
+    inside = {"parameterization": tuple(components.get(k) for k in ("network", "sde"))}
+    found = {kind: own_parameters(components[kind], inside.get(kind, ())) for kind in TRAINABLE_KINDS
+             if kind in components}
+    return {kind: params for kind, params in found.items() if params}
+
+
 def check_trainable(exp, components: dict[str, Any]) -> None:
     """Every component with trainable parameters is one the loss trains (``Loss.trains``), and each
     ``train.component_lr`` key names a trainable component; else a :class:`ConfigError` naming both keys."""
     loss = components["loss"]
     trains = getattr(loss, "trains", frozenset({"parameterization"}))
-    inside = {"parameterization": tuple(components.get(k) for k in ("network", "sde"))}
-    trainable = {kind for kind in TRAINABLE_KINDS
-                 if kind in components and own_parameters(components[kind], inside.get(kind, ()))}
+    trainable = set(trainable_parameters(components))
     spec = lambda kind: "{" + ", ".join(f"{k}: {v}" for k, v in exp.components[kind].items()) + "}"  # noqa: E731
     for kind in sorted(trainable - set(trains)):
         raise ConfigError(f"{exp.source}: {kind}: {spec(kind)} has trainable parameters, which loss: {spec('loss')} "
@@ -71,10 +78,7 @@ class Objective(nn.Module):
 
     def trainable(self) -> dict[str, list[nn.Parameter]]:
         """{kind: its own trainable parameters} for the components other than the network that have any."""
-        parts = self.components()
-        inside = {"parameterization": (self.model.network, self.model.sde)}
-        found = {kind: own_parameters(parts[kind], inside.get(kind, ())) for kind in TRAINABLE_KINDS}
-        return {kind: params for kind, params in found.items() if params}
+        return trainable_parameters({**self.components(), "network": self.model.network})
 
     def observe_loss(self, loss: torch.Tensor | None) -> None:
         """Hand the per-example loss (None: the step is over) to every component that asks for it."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-import attrs
 import torch
 from torch import Tensor
 
@@ -82,20 +81,10 @@ def kernel_inception_distance(x: Tensor, y: Tensor, *, generator: torch.Generato
     return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
 
 
-@attrs.frozen
-class Metric:
-    """A sample-quality metric and the space it compares in: ``data`` (samples and held-out examples as
-    they are) or ``inception`` (their Inception-v3 features, images only)."""
-
-    space: Literal["data", "inception"]
-    doc: str
-
-
-METRICS: dict[str, Metric] = {
-    "swd": Metric("data", "sliced Wasserstein distance (512 directions) to half the held-out split"),
-    "mmd": Metric("data", "unbiased MMD², Gaussian kernels at 0.5, 1, 2 × the median distance"),
-    "fid": Metric("inception", "Fréchet Inception distance to the training images' statistics"),
-    "kid": Metric("inception", "kernel Inception distance (cubic kernel, 100 subsets of 1000)"),
+METRICS: dict[str, Literal["data", "inception"]] = {
+    # name → the space it compares in: the samples and held-out examples as they are, or their
+    # Inception-v3 features (images only)
+    "swd": "data", "mmd": "data", "fid": "inception", "kid": "inception",
 }
 DATA_METRICS: dict[str, Callable[..., float]] = {"swd": sliced_wasserstein, "mmd": mmd}
 
@@ -109,16 +98,21 @@ def parse_metrics(names: list[str] | str) -> list[str]:
     return list(dict.fromkeys(words))
 
 
+def require_images(names: list[str], data, argument: str = "metrics") -> None:
+    """fid and kid compare Inception features: :class:`InvalidArgument` unless ``data`` is images."""
+    if data.kind != "image":
+        raise InvalidArgument(argument, f"{', '.join(names)} compare Inception features of images; this data set "
+                              f"gives {data.kind} data (use swd or mmd)")
+
+
 def check_metrics(exp, data) -> None:
     """Before training: ``eval.metrics`` suits the data (fid and kid need images) and fid and kid have
     their weights, so a run does not fail at its last step. Raises :class:`ConfigError`."""
-    names = [name for name in parse_metrics(exp.eval.metrics) if METRICS[name].space == "inception"]
+    names = [name for name in parse_metrics(exp.eval.metrics) if METRICS[name] == "inception"]
     if not names:
         return
     try:
-        if data.kind != "image":
-            raise InvalidArgument("eval.metrics", f"{', '.join(names)} compare Inception features of images; "
-                                  f"this data set gives {data.kind} data (use swd or mmd)")
+        require_images(names, data, "eval.metrics")
         find_weights(exp.eval.fid_inception)
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: {e.argument}: {e.message}") from None
@@ -154,13 +148,13 @@ def run_quality(run, names: list[str], *, split: str = "test", n: int | None = N
     settings = {"sampler": dict(run.exp.components["sampler"]), "lam": getattr(sampler, "lam", None),
                 "steps": cfg.steps, "seed": seed, "weights": "ema"}
     out: dict[str, dict[str, Any]] = {}
-    in_data = [name for name in names if METRICS[name].space == "data"]
+    in_data = [name for name in names if METRICS[name] == "data"]
     if in_data:
         m = min(n or cfg.num, num_examples(examples) // 2)
         held_out = take(examples, range(2 * m))
         samples, _ = run.draw(sampler, m, steps=cfg.steps, seed=seed)
         out.update(sample_quality(in_data, samples, held_out, seed))
-    in_features = [name for name in names if METRICS[name].space == "inception"]
+    in_features = [name for name in names if METRICS[name] == "inception"]
     if in_features:
         out.update(inception_quality(run, in_features, sampler, steps=cfg.steps, split=split,
                                      n=n or run.exp.eval.fid_samples, seed=seed))
@@ -172,9 +166,7 @@ def inception_quality(run, names: list[str], sampler, *, steps: int | None, spli
     """fid and kid of ``n`` samples (``sampler`` at ``steps``) against the reference statistics of the
     training images (cached), and of the held-out ``split`` against the same reference as the floor
     (cached too)."""
-    if run.data.kind != "image":
-        raise InvalidArgument("metrics", f"{', '.join(names)} compare Inception features of images; this data set "
-                              f"gives {run.data.kind} data (use swd or mmd)")
+    require_images(names, run.data)
     cfg = run.exp.eval
     extractor = InceptionFeatures(find_weights(cfg.fid_inception), run.device)
     folder = cache_folder(cfg.fid_cache)
@@ -224,7 +216,7 @@ def format_quality(quality: dict[str, dict[str, float]], split: str) -> str:
     lines = []
     for name, q in quality.items():
         ratio = f"; {q['value'] / q['floor']:.2f}× the floor" if q["floor"] > 0 else ""
-        if METRICS[name].space == "inception":
+        if METRICS[name] == "inception":
             floor = f"floor {q['floor']:.4f}: {q['floor_n']} {split} images vs the reference, n={q['n']}{ratio}"
         else:
             floor = f"floor {q['floor']:.4f}: two halves of {split}, n={q['n']}{ratio}"

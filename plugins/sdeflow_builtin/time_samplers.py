@@ -10,7 +10,7 @@ from torch import Tensor
 
 from sdeflow.errors import InvalidArgument
 from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import SDE, TabulatedTimeDensity, TimeDensity, TimeSampler, parameter_values
+from sdeflow.interfaces import SDE, TabulatedTimeDensity, TimeDensity, TimeSampler, derived
 
 
 def _u(n: int, device, generator) -> Tensor:
@@ -111,13 +111,8 @@ class LogSNR(TimeSampler):
 
     def density_of(self, sde: SDE) -> TimeDensity:
         """The SDE's log-SNR density, built once and again when its parameters change."""
-        key = parameter_values(sde)
-        cached = sde.__dict__.get("_log_snr_density")
-        if cached is None or len(cached[0]) != len(key) or not all(map(torch.equal, cached[0], key)):
-            exact = hasattr(sde, "log_snr_inverse")  # an optional SDE method, like linear_drift
-            cached = (key, ClosedFormLogSNRDensity(sde) if exact else log_snr_density(sde))
-            sde.__dict__["_log_snr_density"] = cached
-        return cached[1]
+        exact = hasattr(sde, "log_snr_inverse")  # an optional SDE method, like linear_drift
+        return derived(sde, "_log_snr_density", lambda: ClosedFormLogSNRDensity(sde) if exact else log_snr_density(sde))
 
     def density(self, sde: SDE, t: Tensor) -> Tensor:
         return self.density_of(sde).pdf(t)
