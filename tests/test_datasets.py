@@ -20,9 +20,10 @@ from sdeflow.checkpoint import derive_seed
 from sdeflow.errors import DataError, InvalidArgument
 from sdeflow.registry import DISABLE_ENV, build_registry
 from sdeflow.schema import check_arguments
-from sdeflow.transforms import Dequantize, Identity, bits_per_dim
+from sdeflow.transforms import Identity, Logit, ModelSpace, UnitInterval, bits_per_dim
 from sdeflow_builtin import datasets
 from sdeflow_builtin.datasets import cifar10, gaussian, mnist, swissroll, swissroll_points
+from sdeflow_builtin.dequantizers import Uniform
 
 
 def stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +234,8 @@ def test_mnist_round_trips_through_torchvision(tmp_path):
     bundle = mnist(root=str(tmp_path), download=False, n_val=0)  # no hold-out: train is every training file
     assert bundle.shape == (1, 28, 28) and bundle.kind == "image" and bundle.train_shuffle
     assert bundle.val is None
-    assert isinstance(bundle.transform, Dequantize) and bundle.transform.bits_offset == 8
+    assert isinstance(bundle.transform, Logit) and bundle.levels == 256 and bundle.transform.bits_offset == 0
+    assert isinstance(mnist(root=str(tmp_path), download=False, n_val=0, logit_alpha=None).transform, UnitInterval)
     assert len(bundle.train) == 20 and len(bundle.test) == 10
     splits = [
         (bundle.train, written.train, written.train_labels),
@@ -282,12 +284,13 @@ def test_mnist_corrupt_file_is_a_data_error(tmp_path):
         mnist(root=str(tmp_path), download=False)
 
 
-def test_dequantize_on_mnist_has_the_closed_form_log_det(tmp_path):
+def test_dequantized_mnist_has_the_closed_form_log_det(tmp_path):
     """MATH.md §5: z = logit(s), s = α + (1 − 2α) x̃, log|det| = Σ_d [log(1 − 2α) − log(s_d (1 − s_d))]."""
     write_mnist(tmp_path, n_train=8, n_test=4)
     bundle = mnist(root=str(tmp_path), download=False, logit_alpha=0.05, n_val=2)
     x, _ = stack(bundle.test)
-    z, log_det = bundle.transform.forward(x, generator=torch.Generator().manual_seed(0))
+    space = ModelSpace(bundle.transform, bundle.levels, Uniform())
+    z, log_det, log_q = space(x, generator=torch.Generator().manual_seed(0))
     assert z.shape == x.shape and torch.isfinite(z).all() and log_det.shape == (4,)
     alpha, D = 0.05, 28 * 28
     # Recomputed from z alone: s = σ(z), and −log(s(1 − s)) = softplus(z) + softplus(−z).
@@ -298,7 +301,7 @@ def test_dequantize_on_mnist_has_the_closed_form_log_det(tmp_path):
     x_tilde = (torch.sigmoid(z.double()) - alpha) / (1 - 2 * alpha)
     assert torch.equal(torch.floor(x_tilde * 256).to(torch.uint8), as_bytes(x))
     # The uniform density on [0, 1)^D, pushed to z, has exactly 8 bits per dimension.
-    bpd = bits_per_dim(-log_det, log_det, D, bundle.transform.bits_offset)
+    bpd = bits_per_dim(-log_det, log_det, D, space.bits_offset, log_q)
     assert torch.allclose(bpd, torch.full_like(bpd, 8.0))
 
 
@@ -363,7 +366,7 @@ def test_cifar10_test_split_round_trips_unflipped(fake_cifar10):
     root, written = fake_cifar10
     bundle = cifar10(root=str(root), download=False, n_val=4)
     assert bundle.shape == (3, 32, 32) and bundle.kind == "image" and bundle.log_prob is None
-    assert isinstance(bundle.transform, Dequantize)
+    assert isinstance(bundle.transform, Logit) and bundle.levels == 256
     for _ in range(2):  # every load and every pass is the same: no augmentation on the test split
         x, y = stack(cifar10(root=str(root), download=False, n_val=4).test)
         assert torch.equal(as_bytes(x), torch.from_numpy(written.test))

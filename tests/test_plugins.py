@@ -374,6 +374,10 @@ class EveryKind:
     def sdeflow_register_datasets(self, register):
         register("every_data", Dummy)
 
+    @hookimpl
+    def sdeflow_register_dequantizers(self, register):
+        register("every_dequantizer", lambda data_shape, bins=1: Dummy())
+
 
 def test_a_plugin_can_implement_every_hook():
     registry, messages = discover(("every", EveryKind()), entry_points=False)
@@ -384,6 +388,7 @@ def test_a_plugin_can_implement_every_hook():
         assert registry.get(kind, f"every_{kind}").plugin == info
     assert list(registry.get("network", "every_network").arguments) == ["width"]  # data_shape injected
     assert list(registry.get("parameterization", "every_parameterization").arguments) == ["scale"]
+    assert list(registry.get("dequantizer", "every_dequantizer").arguments) == ["bins"]
 
 
 HOOK_SPECS = sorted(name for name in vars(hookspecs) if name.startswith("sdeflow_register_"))

@@ -6,7 +6,7 @@ import attrs
 import torch
 
 from .checkpoint import derive_seed
-from .config import Experiment, build_component
+from .config import COMPONENT_DEFAULTS, Experiment, build_component
 from .elbo import require_linear_drift
 from .errors import ConfigError, InvalidArgument
 from .estimators import parse_estimators
@@ -16,6 +16,7 @@ from .model import DiffusionModel
 from .objective import check_trainable
 from .quality import parse_metrics
 from .registry import Registry, default_registry
+from .transforms import ModelSpace
 
 
 @attrs.define
@@ -146,3 +147,19 @@ def build_model(exp: Experiment, sde: SDE, data_shape: tuple[int, ...], registry
     network = build_component(registry, exp, "network", data_shape=tuple(data_shape))
     parameterization = build_component(registry, exp, "parameterization", network=network, sde=sde)
     return DiffusionModel(sde, parameterization)
+
+
+def build_space(exp: Experiment, data: DataBundle, registry: Registry | None = None) -> ModelSpace:
+    """How data reach model space: the experiment's dequantizer (built for the data's shape, its initial
+    parameters from the seed alone) when the data are discrete, then the data set's transform."""
+    spec = exp.components["dequantizer"]
+    if data.levels is None:
+        if spec != COMPONENT_DEFAULTS["dequantizer"]:
+            raise ConfigError(f"{exp.source}: dequantizer: {{{', '.join(f'{k}: {v}' for k, v in spec.items())}}} "
+                              f"needs discrete data, but data '{exp.components['data']['name']}' is continuous (its "
+                              "DataBundle has no levels); remove the dequantizer section")
+        return ModelSpace(data.transform)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(exp.seed, "dequantizer"))
+        dequantizer = build_component(registry or default_registry(), exp, "dequantizer", data_shape=tuple(data.shape))
+    return ModelSpace(data.transform, data.levels, dequantizer)

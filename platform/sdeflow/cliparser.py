@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping, Sequence
 
+import yaml
+
 from .hookspecs import KINDS
 
 EXIT_USER_ERROR = 2
@@ -87,6 +89,17 @@ def build_parser(commands: Mapping[str, Callable], version: str) -> argparse.Arg
     return parser
 
 
+def component_spec(text: str):
+    """A component's name, or a ``{name: ..., **args}`` mapping in YAML flow style."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"not a name or a YAML mapping: {text!r}") from None
+    if not isinstance(value, (str, dict)):
+        raise argparse.ArgumentTypeError(f"expected a name or a {{name: ..., ...}} mapping, got {text!r}")
+    return value
+
+
 def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder written by sdeflow train")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the examples evaluated")
@@ -98,6 +111,10 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-sampler", help="time sampler of the ELBO, e.g. uniform, debiased "
                                           "(default: eval.time_sampler)")
     p.add_argument("--batch-size", type=positive_int, help="examples a batch (default: eval.batch_size)")
+    p.add_argument("--dequantizer", type=component_spec,
+                   help="evaluate discrete data under another dequantizer: a name (truncated_normal) or a YAML "
+                        "spec ('{name: truncated_normal, tau: 2}'); recorded beside the headline "
+                        "(default: the experiment's)")
     p.add_argument("--metrics", help="comma-separated sample-quality metrics, each with its floor: swd and mmd "
                                      "(floor: two halves of the split), fid and kid for images (floor: the split "
                                      "against the training images); recorded in eval.json's quality section")

@@ -88,6 +88,7 @@ COMPONENT_DEFAULTS: dict[str, dict[str, Any] | None] = {
     "loss": {"name": "dsm"},
     "time_sampler": {"name": "uniform"},
     "sampler": {"name": "euler_maruyama"},
+    "dequantizer": {"name": "uniform"},  # applied to discrete data only (DataBundle.levels)
 }
 TOP_LEVEL = {
     "name": str,

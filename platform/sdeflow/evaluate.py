@@ -21,8 +21,8 @@ from .data import eval_batches, num_examples, take
 from .distributed import DistContext
 from .errors import SdeflowError
 from .estimators import make_estimators, prepare_all
-from .interfaces import DataBundle, DataTransform, TimeSampler
-from .transforms import bits_per_dim, mean_and_se
+from .interfaces import DataBundle, TimeSampler
+from .transforms import ModelSpace, bits_per_dim, mean_and_se
 
 Estimator = Callable[[Any, Tensor, torch.Generator], Tensor]
 """(model, z, generator) → log-likelihood (or its lower bound) of z per example, in nats."""
@@ -40,13 +40,15 @@ def elbo_estimator(cfg: EvalConfig, time_sampler: TimeSampler, samples: int | No
 
 
 def summarize(nll_nats: Tensor, log_det: Tensor | None, dim: int, bits_offset: float,
-              index: Tensor | None = None) -> dict[str, Any]:
-    """bpd, its s.e., and the negative log-likelihood in nats per example, from per-example values;
-    ``examples`` holds the per-example values themselves (index in the split, nats, bpd)."""
+              index: Tensor | None = None, log_q: Tensor | None = None) -> dict[str, Any]:
+    """bpd, its s.e., and the negative log-likelihood in nats per example, from per-example values of
+    −log p(z), log|det ∂z/∂x̃| and log q(u | x) (None: 0); ``examples`` holds the per-example values
+    themselves (index in the split, nats = −log p(x̃) + log q(u | x), bpd)."""
     log_det = torch.zeros_like(nll_nats) if log_det is None else log_det
-    bpd = bits_per_dim(-nll_nats, log_det, dim, bits_offset)
+    log_q = torch.zeros_like(nll_nats) if log_q is None else log_q
+    bpd = bits_per_dim(-nll_nats, log_det, dim, bits_offset, log_q)
     bpd_mean, bpd_se = mean_and_se(bpd)
-    nats_x = nll_nats - log_det
+    nats_x = nll_nats - log_det + log_q
     nats, nats_se = mean_and_se(nats_x)
     index = torch.arange(bpd.numel()) if index is None else index
     return {"bpd": bpd_mean, "bpd_se": bpd_se, "nats": nats, "nats_se": nats_se, "n": int(bpd.numel()),
@@ -79,36 +81,40 @@ def evaluate(
     split: str = "test",
     max_examples: int | None = None,
     pilot_examples: int = 256,
+    space: ModelSpace | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every estimator's bpd ± s.e. over the split, plus ``exact`` when the data's density is known.
+    ``space`` takes data to model space (dequantizer and transform; None: the transform of continuous data).
 
     Estimators with something to fit (``prepare``) first see a pilot batch: the first
     ``pilot_examples`` training examples, dequantized with a stream of their own, so nothing is fitted
     on the examples being evaluated and every variant of a sweep fits on the same examples.
     """
     ctx = ctx or DistContext(device=device)
+    space = space or ModelSpace(data.transform, data.levels)
     examples = getattr(data, split, None)
     if examples is None:
         raise SdeflowError(f"the data set has no {split} split")
-    prepare_on_pilot(estimators, model, data, pilot_examples=pilot_examples, seed=seed, device=device)
+    prepare_on_pilot(estimators, model, data, pilot_examples=pilot_examples, seed=seed, device=device, space=space)
     dim = math.prod(data.shape)
     rows: dict[str, list[Tensor]] = {name: [] for name in estimators}
     seconds = dict.fromkeys(estimators, 0.0)
-    log_dets, exact, index = [], [], []
+    log_dets, log_qs, exact, index = [], [], [], []
     for b, x in eval_batches(examples, batch_size, max_examples):
         if b % ctx.world != ctx.rank:
             continue
         x = x.to(device)
-        nll, log_det = batch_nll(model, data.transform, estimators, x, batch=b, seed=seed, device=device,
-                                 seconds=seconds)
+        nll, log_det, log_q = batch_nll(model, space, estimators, x, batch=b, seed=seed, device=device,
+                                        seconds=seconds)
         for name, values in nll.items():
             rows[name].append(values)
         log_dets.append(log_det)
+        log_qs.append(log_q)
         index.append(torch.arange(b * batch_size, b * batch_size + x.shape[0], device=device))
         if data.log_prob is not None:
             exact.append(-data.log_prob(x).double())
-    out = _summaries(ctx, device, rows, log_dets, index, exact if data.log_prob is not None else None,
-                     dim, data.transform.bits_offset, split)
+    out = _summaries(ctx, device, rows, log_dets, log_qs, index, exact if data.log_prob is not None else None,
+                     dim, space.bits_offset, split)
     for name in rows:
         out[name]["seconds"] = seconds[name]  # this rank's estimator time: the cost beside the s.e.
     total = num_examples(examples)
@@ -119,28 +125,29 @@ def evaluate(
 
 
 def prepare_on_pilot(estimators: dict[str, Estimator], model, data: DataBundle, *, pilot_examples: int, seed: int,
-                     device: torch.device) -> None:
+                     device: torch.device, space: ModelSpace) -> None:
     """Fit what the estimators fit (``prepare``) on the pilot batch, when any of them has something to fit."""
     if any(getattr(e, "needs_pilot", False) for e in estimators.values()):
-        prepare_all(estimators, model, pilot_batch(data, pilot_examples, seed, device), seed=seed)
+        prepare_all(estimators, model, pilot_batch(data, space, pilot_examples, seed, device), seed=seed)
 
 
-def batch_nll(model, transform: DataTransform, estimators: dict[str, Estimator], x: Tensor, *, batch: int, seed: int,
-              device: torch.device, seconds: dict[str, float] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+def batch_nll(model, space: ModelSpace, estimators: dict[str, Estimator], x: Tensor, *, batch: int, seed: int,
+              device: torch.device, seconds: dict[str, float] | None = None
+              ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Batch number ``batch`` of an evaluation, x in data space: ({estimator: −(bound on) log p(z) per
-    example}, log|det ∂z/∂x|), both float64. The transform's and each estimator's draws come from
-    their own streams of (seed, batch), so a batch gets the same numbers alone or inside a split."""
-    z, log_det = transform.forward(x, generator=batch_generator(device, seed, batch))
+    example}, log|det ∂z/∂x̃|, log q(u | x)), all float64. The dequantizer's and each estimator's draws
+    come from their own streams of (seed, batch), so a batch gets the same numbers alone or inside a split."""
+    z, log_det, log_q = space(x, generator=batch_generator(device, seed, batch))
     nll = {}
     for name, estimate in estimators.items():
         start = _now(device)
         nll[name] = -estimate(model, z, batch_generator(device, seed, batch, name)).double()
         if seconds is not None:
             seconds[name] += _now(device) - start
-    return nll, log_det.double()
+    return nll, log_det.double(), log_q.double()
 
 
-def _summaries(ctx: DistContext, device, rows: dict[str, list[Tensor]], log_dets: list[Tensor],
+def _summaries(ctx: DistContext, device, rows: dict[str, list[Tensor]], log_dets: list[Tensor], log_qs: list[Tensor],
                index: list[Tensor], exact: list[Tensor] | None, dim: int, bits_offset: float, split: str
                ) -> dict[str, dict[str, Any]]:
     """Every rank's per-example values gathered in example order, checked finite and summarised (and
@@ -149,19 +156,20 @@ def _summaries(ctx: DistContext, device, rows: dict[str, list[Tensor]], log_dets
     order = torch.argsort(all_index)
     all_index = all_index[order]
     log_det = _gather(ctx, log_dets, device)[order]
+    log_q = _gather(ctx, log_qs, device)[order]
     nll = {name: _gather(ctx, v, device)[order] for name, v in rows.items()}
     for name, values in nll.items():
         check_finite(name, split, values, all_index)
-    out = {name: summarize(values, log_det, dim, bits_offset, all_index) for name, values in nll.items()}
+    out = {name: summarize(values, log_det, dim, bits_offset, all_index, log_q) for name, values in nll.items()}
     if exact is not None:
         out["exact"] = summarize(_gather(ctx, exact, device)[order], None, dim, bits_offset, all_index)
     return out
 
 
-def pilot_batch(data: DataBundle, n: int, seed: int, device: torch.device) -> Tensor:
+def pilot_batch(data: DataBundle, space: ModelSpace, n: int, seed: int, device: torch.device) -> Tensor:
     """The first ``n`` training examples in model space (dequantized with the ``pilot`` stream)."""
     x = take(data.train, range(min(n, num_examples(data.train)))).to(device)
-    z, _ = data.transform.forward(x, generator=batch_generator(device, seed, -1, "pilot"))
+    z, _, _ = space(x, generator=batch_generator(device, seed, -1, "pilot"))
     return z
 
 

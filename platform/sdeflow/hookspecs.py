@@ -51,6 +51,11 @@ def sdeflow_register_samplers(register: Register) -> None:
 
 
 @hookspec
+def sdeflow_register_dequantizers(register: Register) -> None:
+    """Register dequantizers: factories ``(data_shape, **kwargs)`` of :class:`sdeflow.interfaces.Dequantizer`."""
+
+
+@hookspec
 def sdeflow_register_datasets(register: Register) -> None:
     """Register data sets: factories returning a :class:`sdeflow.interfaces.DataBundle`."""
 
@@ -63,5 +68,6 @@ KINDS: dict[str, str] = {
     "time_sampler": "sdeflow_register_time_samplers",
     "sampler": "sdeflow_register_samplers",
     "data": "sdeflow_register_datasets",
+    "dequantizer": "sdeflow_register_dequantizers",
 }
 """Component kind (the experiment YAML's section name) → the hook that registers it."""

@@ -286,6 +286,28 @@ def time_grid(sde: SDE, steps: int) -> Tensor:
     return torch.linspace(sde.T, sde.t_eps, steps + 1, dtype=torch.float64)
 
 
+class Dequantizer(abc.ABC):
+    """q(u | x): where inside its bin a value of discrete data lies, u ∈ [0, 1]^D (MATH.md §14).
+
+    Data x ∈ {0, …, L−1}/(L−1) (``DataBundle.levels`` = L) are dequantized by the kernel as
+    x̃ = (x (L−1) + u)/L, and every bpd counts ``log q(u | x)``: any density on the unit bin gives an
+    upper bound on −log₂ P(x) (MATH.md §14). A dequantizer with parameters (an ``nn.Module``) is
+    trained with the model by a loss that bounds the likelihood.
+    """
+
+    @abc.abstractmethod
+    def sample(self, x: Tensor, levels: int, *, generator=None) -> tuple[Tensor, Tensor]:
+        """(u shaped like x, and log q(u | x) summed over dimensions, shape (B,))."""
+
+    @abc.abstractmethod
+    def log_prob(self, u: Tensor, x: Tensor, levels: int) -> Tensor:
+        """log q(u | x) per example, shape (B,), for u ∈ (0, 1)^D of your choosing."""
+
+    def protocol(self) -> str:
+        """One line saying what q is (recorded in eval.json beside every bpd)."""
+        return type(self).__name__
+
+
 class DataTransform(abc.ABC):
     """Maps data x to the space the model sees, z, with log|det ∂z/∂x| per example (MATH.md §5)."""
 
@@ -315,7 +337,9 @@ class DataBundle:
     none), so it comes last and ``DataBundle(train, test, shape=..., ...)`` still works. ``log_prob``,
     when known, is the exact data log-density in data space, reported next to the ELBO. ``reference``
     is every training image as stored (no augmentation, val not held out), for FID and KID's
-    reference statistics; None: ``train`` is used.
+    reference statistics; None: ``train`` is used. ``levels`` is the number of values L of discrete
+    data stored as x ∈ {0, …, L−1}/(L−1) (256 for 8-bit images): the experiment's dequantizer maps
+    them into their bins before ``transform``; None: continuous data, never dequantized.
     """
 
     train: Any
@@ -327,6 +351,7 @@ class DataBundle:
     train_shuffle: bool = True
     val: Any = None
     reference: Any = None
+    levels: int | None = None
 
     @property
     def planar(self) -> bool:

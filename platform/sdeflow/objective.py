@@ -1,7 +1,7 @@
-"""What training minimises, as one module: the loss of the composed model with every component that
-has parameters inside it (the network, and an SDE, parameterization, loss or time sampler that is an
-``nn.Module``), so DDP wraps it whole, the optimizer and the EMA see all of it, and a checkpoint
-saves all of it.
+"""What training minimises, as one module: the loss of the composed model on a batch of data, with every
+component that has parameters inside it (the network, and an SDE, parameterization, loss, time sampler or
+dequantizer that is an ``nn.Module``), so DDP wraps it whole, the optimizer and the EMA see all of it,
+and a checkpoint saves all of it.
 
 A component is *trainable* when it has parameters of its own that require gradients. Only a loss that
 bounds the likelihood trains components other than the network: a loss says which kinds it trains in
@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .transforms import Identity, ModelSpace
 
-TRAINABLE_KINDS = ("sde", "parameterization", "loss", "time_sampler")
+TRAINABLE_KINDS = ("sde", "parameterization", "loss", "time_sampler", "dequantizer")
 
 
 def own_parameters(component: Any, inside: tuple[Any, ...] = ()) -> list[nn.Parameter]:
@@ -61,20 +62,34 @@ def check_trainable(exp, components: dict[str, Any]) -> None:
 
 
 class Objective(nn.Module):
-    """``objective(z)`` = the per-example training loss of ``model`` on z, its times from ``time_sampler``."""
+    """``objective(x)`` = the per-example training loss of ``model`` on data x, taken into model space by
+    ``space`` (dequantized, then transformed), its times from ``time_sampler``.
 
-    def __init__(self, model: nn.Module, loss: Any, time_sampler: Any):
+    A trainable dequantizer is trained by the bound in data space: the loss −ELBO(z) plus
+    log q(u | x) − log|det ∂z/∂x̃| (MATH.md §14); otherwise those terms have no gradient and the loss is
+    the model's alone, as it is logged."""
+
+    def __init__(self, model: nn.Module, loss: Any, time_sampler: Any, space: ModelSpace | None = None):
         super().__init__()
         self.model = model
         self.loss = loss  # registered as a submodule when it is one, else a plain attribute
         self.time_sampler = time_sampler
+        self.space = space or ModelSpace(Identity())
+        self.dequantizer = self.space.dequantizer  # the same object as space's: one copy under deepcopy
+        self.bound_in_data_space = bool(own_parameters(self.dequantizer))
+        self.memory_format = torch.contiguous_format
+        """Of image batches in model space (``train.channels_last``)."""
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.model, z, self.time_sampler)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, log_det, log_q = self.space(x)
+        if z.ndim == 4:
+            z = z.contiguous(memory_format=self.memory_format)
+        loss = self.loss(self.model, z, self.time_sampler)
+        return loss + (log_q - log_det) if self.bound_in_data_space else loss
 
     def components(self) -> dict[str, Any]:
         return {"sde": self.model.sde, "parameterization": self.model.parameterization, "loss": self.loss,
-                "time_sampler": self.time_sampler}
+                "time_sampler": self.time_sampler, "dequantizer": self.dequantizer}
 
     def trainable(self) -> dict[str, list[nn.Parameter]]:
         """{kind: its own trainable parameters} for the components other than the network that have any."""
@@ -97,10 +112,10 @@ class Objective(nn.Module):
         return groups
 
     def component_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """State of the loss and time sampler when they are modules with any (the model's is saved as
-        ``model``, SDE and parameterization included)."""
-        return {kind: part.state_dict() for kind, part in (("loss", self.loss), ("time_sampler", self.time_sampler))
-                if isinstance(part, nn.Module) and part.state_dict()}
+        """State of the loss, time sampler and dequantizer when they are modules with any (the model's is
+        saved as ``model``, SDE and parameterization included)."""
+        parts = (("loss", self.loss), ("time_sampler", self.time_sampler), ("dequantizer", self.dequantizer))
+        return {kind: part.state_dict() for kind, part in parts if isinstance(part, nn.Module) and part.state_dict()}
 
     def load_component_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         for kind, values in state.items():

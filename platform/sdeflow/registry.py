@@ -27,6 +27,7 @@ DISABLE_ENV = "SDEFLOW_DISABLE_PLUGINS"
 INJECTED: dict[str, tuple[str, ...]] = {
     "network": ("data_shape",),
     "parameterization": ("network", "sde"),
+    "dequantizer": ("data_shape",),
 }
 """Arguments the kernel passes itself when building a component of that kind (not set in YAML)."""
 

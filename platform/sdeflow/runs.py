@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import torch
 
-from .build import Parts, build_data, build_model, check_experiment, require_lambda_sampler
+from .build import Parts, build_data, build_model, build_space, check_experiment, require_lambda_sampler
 from .checkpoint import UnreadableCheckpoint
 from .config import Experiment, build_component, check_component, structure
 from .distributed import DistContext
@@ -25,6 +25,7 @@ from .model import DiffusionModel
 from .objective import Objective, check_trainable
 from .registry import Registry, default_registry
 from .runfolder import CONFIG_FILE, LAST, read_run_config, recorded_plugins, restore, say
+from .transforms import ModelSpace
 
 
 def resolve_device(name: str, source: str = "config") -> torch.device:
@@ -61,33 +62,50 @@ class Run:
 
     def evaluate(self, *, split: str = "test", max_examples: int | None = None, samples: int | None = None,
                  estimator: str | None = None, time_sampler: str | None = None,
-                 batch_size: int | None = None) -> dict[str, Any]:
+                 batch_size: int | None = None, dequantizer: str | dict[str, Any] | None = None) -> dict[str, Any]:
         """Every named estimator on ``split``: summaries, per-example values and the settings that
-        (with the seed) fix the result."""
+        (with the seed) fix the result. ``dequantizer`` (a name or a ``{name, **args}`` spec) evaluates
+        under another dequantizer than the experiment's; a variational one is then untrained."""
         cfg = self.exp.eval
         estimators = self.estimators(estimator or cfg.estimator, time_sampler, samples)
         batch_size = cfg.batch_size if batch_size is None else batch_size
         max_examples = max_examples if max_examples is not None else cfg.max_examples
+        space, spec = self.space(dequantizer)
         self.ema.eval()
         results = evaluate(self.ema, self.data, estimators, batch_size=batch_size, seed=self.exp.seed,
                            device=self.device, ctx=self.ctx, split=split, max_examples=max_examples,
-                           pilot_examples=cfg.pilot_examples)
+                           pilot_examples=cfg.pilot_examples, space=space)
         # The headline is the experiment's own evaluation (its eval settings: examples, K, time sampler,
-        # batches); a result with other settings (--max-examples 200) is kept beside it, never in its place.
-        own = (max_examples == cfg.max_examples and batch_size == cfg.batch_size
+        # batches, and its dequantizer); a result with other settings (--max-examples 200) is kept beside
+        # it, never in its place.
+        own_dequantizer = spec == self.exp.components["dequantizer"]
+        own = (max_examples == cfg.max_examples and batch_size == cfg.batch_size and own_dequantizer
                and samples in (None, cfg.samples_per_example) and time_sampler in (None, cfg.time_sampler))
         for name, result in results.items():
             result["full"] = own
-            result["protocol"] = {"weights": "ema", **self.data.transform.protocol(),
-                                  "se": "std of per-example bpd / sqrt(n)"}
+            result["protocol"] = {"weights": "ema", **space.protocol(spec), "se": "std of per-example bpd / sqrt(n)"}
             estimate = estimators.get(name)
             result["settings"] = {**getattr(estimate, "settings", {}), "batch_size": batch_size,
                                   "max_examples": max_examples}
+            if not own_dequantizer:
+                result["settings"]["dequantizer"] = spec
             if getattr(estimate, "nfe", None):  # ODE solves: report their cost
                 result["nfe"] = sum(estimate.nfe) / len(estimate.nfe)
             if getattr(estimate, "fitted", None):  # what the pilot pass fitted (weights, proposal)
                 result["fitted"] = estimate.fitted
         return results
+
+    def space(self, dequantizer: str | dict[str, Any] | None = None) -> tuple[ModelSpace, dict[str, Any]]:
+        """(the EMA's way from data to model space, the dequantizer's spec): the experiment's own, or the
+        one ``dequantizer`` names (checked like the experiment's section, built fresh)."""
+        own = self.exp.components["dequantizer"]
+        if dequantizer is None:
+            return self.ema_objective.space, own
+        spec = check_component(self.registry, "dequantizer", dequantizer, "--dequantizer")
+        if spec == own:
+            return self.ema_objective.space, own
+        exp = attrs.evolve(self.exp, components={**self.exp.components, "dequantizer": spec}, source="--dequantizer")
+        return build_space(exp, self.data, self.registry).to(self.device), spec
 
     def estimators(self, which: str, time_sampler: str | None = None, samples: int | None = None) -> dict:
         """The estimators named in ``which`` (comma-separated), each with its ``settings``."""
@@ -124,8 +142,8 @@ class Run:
         self.ema.eval()
         if trajectory:
             z, states = sampler.trajectory(self.ema, x_T, ts, generator=generator)
-            return self.data.transform.inverse(z), states
-        return self.data.transform.inverse(sampler.sample(self.ema, x_T, ts, generator=generator)), None
+            return self.ema_objective.space.inverse(z), states
+        return self.ema_objective.space.inverse(sampler.sample(self.ema, x_T, ts, generator=generator)), None
 
     def save_samples(self, path: Path, *, num: int, lam: float | None = None, sampler: str | None = None,
                      steps: int | None = None, seed: int = 0) -> Path:
@@ -151,9 +169,10 @@ def build_run(exp: Experiment, run_dir: str | Path, *, registry: Registry | None
     data = build_data(exp, registry)
     torch.manual_seed(exp.seed)  # identical initial weights on every rank and every restart
     model = build_model(exp, parts.sde, data.shape, registry)
+    space = build_space(exp, data, registry)
     check_trainable(exp, {"sde": model.sde, "parameterization": model.parameterization, "network": model.network,
-                          "loss": parts.loss, "time_sampler": parts.time_sampler})
-    objective = Objective(model, parts.loss, parts.time_sampler).to(device)
+                          "loss": parts.loss, "time_sampler": parts.time_sampler, "dequantizer": space.dequantizer})
+    objective = Objective(model, parts.loss, parts.time_sampler, space).to(device)
     ema_objective = copy.deepcopy(objective).requires_grad_(False)
     return Run(exp, Path(run_dir), parts, data, model, ema_objective.model, device, registry,
                ctx or DistContext(device=device), objective=objective, ema_objective=ema_objective)

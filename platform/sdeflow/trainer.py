@@ -100,6 +100,7 @@ class Trainer:
         if self.exp.train.channels_last and run.data.kind == "image":
             run.model.to(memory_format=torch.channels_last)
             run.ema.to(memory_format=torch.channels_last)
+            self.objective.memory_format = torch.channels_last
         # Before compile wraps the network: the EMA tracks every trainable parameter, as they are.
         self.ema = EMA(run.ema_objective, self.objective, cfg.ema, cfg.ema_warmup)
         self.compiled = CompiledNetwork(run.model.parameterization, self.raw_network, self.exp.train.compile,
@@ -180,12 +181,9 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimiser step on this rank's shard; returns the (detached) mean loss."""
-        run, cfg = self.run, self.exp.train
-        z, _ = run.data.transform.forward(x)
-        if cfg.channels_last and z.ndim == 4:
-            z = z.contiguous(memory_format=torch.channels_last)
+        cfg = self.exp.train
         with self.autocast():
-            per_example = self.ddp_objective(z).float()
+            per_example = self.ddp_objective(x).float()
         self.objective.observe_loss(per_example)
         loss = per_example.mean()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,15 +1,17 @@
-"""Data transforms and the bits-per-dimension conversion, in one place for every data set (MATH.md §5)."""
+"""Data → model space (dequantization into bins, logit) and the bits-per-dimension conversion, in one place
+for every data set (MATH.md §5, §14)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor
 
-from .errors import require
-from .interfaces import DataTransform, flat_sum
+from .errors import SdeflowError, require
+from .interfaces import DataTransform, Dequantizer, flat_sum
 
 
 class Identity(DataTransform):
@@ -26,42 +28,88 @@ class Identity(DataTransform):
                 "bits_offset": 0.0}
 
 
-class Dequantize(DataTransform):
-    """x ∈ {0..L−1}/(L−1) → x̃ = x (L−1)/L + u/L, u ~ U[0,1)^D, then optionally logit(α + (1 − 2α) x̃).
+class Logit(DataTransform):
+    """x̃ ∈ [0, 1]^D → z = logit(α + (1 − 2α) x̃), the optional step after dequantization (MATH.md §5)."""
 
-    ``bits_offset`` = log₂ L turns a density on [0, 1)^D into probabilities of the L-level bins.
-    """
-
-    def __init__(self, logit_alpha: float | None = 0.05, levels: int = 256):
-        require(logit_alpha is None or 0 <= logit_alpha < 0.5, "logit_alpha", "must be in [0, 0.5)")
-        require(levels >= 2, "levels", "must be at least 2")
-        self.alpha = logit_alpha
-        self.levels = levels
-        self.bits_offset = math.log2(levels)
-
-    def dequantize(self, x: Tensor, *, generator=None) -> Tensor:
-        """x̃ = x (L−1)/L + u/L."""
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return (x * (self.levels - 1) + u) / self.levels
+    def __init__(self, alpha: float = 0.05):
+        require(0 <= alpha < 0.5, "logit_alpha", "must be in [0, 0.5)")
+        self.alpha = alpha
 
     def forward(self, x: Tensor, *, generator=None) -> tuple[Tensor, Tensor]:
-        x_tilde = self.dequantize(x, generator=generator)
-        if self.alpha is None:
-            return x_tilde, x.new_zeros(x.shape[0])
-        return logit_transform(x_tilde, self.alpha)
-
-    def protocol(self) -> dict[str, Any]:
-        L = self.levels
-        return {"transform": "dequantize" + ("" if self.alpha is None else " + logit"),
-                "dequantization": f"uniform: x~ = (x*{L - 1} + u)/{L}, u ~ U[0,1)^D, one draw per example",
-                "logit_alpha": self.alpha,
-                "log_det": "included: bpd is of x~ in [0,1)^D" if self.alpha is not None else 0.0,
-                "bits_offset": self.bits_offset}
+        return logit_transform(x, self.alpha)
 
     def inverse(self, z: Tensor) -> Tensor:
-        if self.alpha is None:
-            return z.clamp(0, 1)
         return ((torch.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)).clamp(0, 1)
+
+    def protocol(self) -> dict[str, Any]:
+        return {"transform": "logit", "logit_alpha": self.alpha, "log_det": "included: bpd is of x~ in [0,1]^D"}
+
+
+class UnitInterval(DataTransform):
+    """Dequantized data the model sees as they are, x̃ ∈ [0, 1]^D (no logit): z = x̃, log-det 0."""
+
+    def forward(self, x: Tensor, *, generator=None) -> tuple[Tensor, Tensor]:
+        return x, x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return z.clamp(0, 1)
+
+    def protocol(self) -> dict[str, Any]:
+        return {"transform": "none (z = x~)", "log_det": 0.0}
+
+
+def into_bins(x: Tensor, u: Tensor, levels: int) -> Tensor:
+    """x̃ = (x (L−1) + u)/L: u ∈ [0, 1]^D places x ∈ {0..L−1}/(L−1) inside its bin of width 1/L (MATH.md §14)."""
+    return (x * (levels - 1) + u) / levels
+
+
+@attrs.define(eq=False)
+class ModelSpace:
+    """Data x → x̃ (dequantized by ``dequantizer`` when the data are discrete: ``levels`` L) → z (``transform``),
+    with the two log-densities every bpd needs: log|det ∂z/∂x̃| and log q(u | x) (MATH.md §5, §14)."""
+
+    transform: DataTransform
+    levels: int | None = None
+    dequantizer: Dequantizer | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.levels is not None and self.dequantizer is None:
+            raise SdeflowError(f"discrete data ({self.levels} levels) need a dequantizer to be evaluated as a density")
+
+    def __call__(self, x: Tensor, *, generator=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, log|det ∂z/∂x̃|, log q(u | x)), the last two per example; log q is 0 for continuous data."""
+        if self.levels is None:
+            z, log_det = self.transform.forward(x, generator=generator)
+            return z, log_det, torch.zeros_like(log_det)
+        u, log_q = self.dequantizer.sample(x, self.levels, generator=generator)
+        z, log_det = self.transform.forward(into_bins(x, u, self.levels))
+        return z, log_det, log_q
+
+    @property
+    def bits_offset(self) -> float:
+        """log₂ L for discrete data (the bin width 1/L per dimension), plus the transform's own."""
+        return self.transform.bits_offset + (math.log2(self.levels) if self.levels is not None else 0.0)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self.transform.inverse(z)
+
+    def to(self, device: torch.device) -> ModelSpace:
+        """Moves a dequantizer with parameters to ``device``."""
+        if isinstance(self.dequantizer, torch.nn.Module):
+            self.dequantizer.to(device)
+        return self
+
+    def protocol(self, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a reported bpd assumes: the transform, the dequantizer (``spec``: its config) and the offset."""
+        out = self.transform.protocol()
+        if self.levels is None:
+            out["dequantization"] = "none (continuous data)"
+        else:
+            out["dequantization"] = self.dequantizer.protocol()
+            out["dequantizer"] = dict(spec or {"name": type(self.dequantizer).__name__})
+            out["levels"] = self.levels
+        out["bits_offset"] = self.bits_offset
+        return out
 
 
 def logit_transform(x: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
@@ -72,9 +120,10 @@ def logit_transform(x: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     return z, log_det
 
 
-def bits_per_dim(log_likelihood_z: Tensor, log_det: Tensor, dim: int, bits_offset: float) -> Tensor:
-    """bpd = −(log p(z) + log|det ∂z/∂x̃|) / (D ln 2) + offset (MATH.md §5), per example."""
-    return -(log_likelihood_z + log_det) / (dim * math.log(2)) + bits_offset
+def bits_per_dim(log_likelihood_z: Tensor, log_det: Tensor, dim: int, bits_offset: float,
+                 log_q: Tensor | float = 0.0) -> Tensor:
+    """bpd = −(log p(z) + log|det ∂z/∂x̃| − log q(u | x)) / (D ln 2) + log₂ L (MATH.md §5, §14), per example."""
+    return -(log_likelihood_z + log_det - log_q) / (dim * math.log(2)) + bits_offset
 
 
 def mean_and_se(values: Tensor) -> tuple[float, float]:

@@ -2,10 +2,12 @@
 
 Each factory returns a :class:`sdeflow.interfaces.DataBundle` with train, val and test splits. Toy
 data are generated in memory from ``seed`` (train, val and test from independent streams, so neither
-held-out split changes with ``n``); images come from torchvision's own classes as x ∈ {0..255}/255 and
-are dequantized by the kernel's :class:`~sdeflow.transforms.Dequantize`, so bits per dimension are
-computed the same way everywhere. Their val split is a seeded hold-out of ``n_val`` training images
-(:func:`hold_out`), read without augmentation; the test split is the official test files.
+held-out split changes with ``n``); images come from torchvision's own classes as x ∈ {0..255}/255 with
+``levels`` 256: the experiment's dequantizer places them in their bins and the logit transform
+(:class:`~sdeflow.transforms.Logit`, unless ``logit_alpha`` is null) follows, so bits per dimension
+are computed the same way everywhere (MATH.md §5, §14). Their val split is a seeded hold-out of
+``n_val`` training images (:func:`hold_out`), read without augmentation; the test split is the official
+test files.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from sdeflow.checkpoint import derive_seed
 from sdeflow.errors import DataError, require
 from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import DataBundle
-from sdeflow.transforms import Dequantize, Identity
+from sdeflow.transforms import Identity, Logit, UnitInterval
 
 MNIST_FILES = tuple(
     f"MNIST/raw/{split}-{part}-ubyte"
@@ -305,6 +307,11 @@ def _hold_out(name: str, train, n_val: int, split_seed: int, unaugmented: Callab
     return Subset(train, train_indices), Subset(val_source, val_indices)
 
 
+def image_transform(logit_alpha: float | None) -> Logit | UnitInterval:
+    """What follows dequantization: the logit with ``logit_alpha``, or nothing when it is null."""
+    return UnitInterval() if logit_alpha is None else Logit(logit_alpha)
+
+
 def mnist(
     root: str = "data",
     download: bool = True,
@@ -312,13 +319,14 @@ def mnist(
     n_val: int = 5000,
     split_seed: int = 0,
 ) -> DataBundle:
-    """MNIST (torchvision): 1×28×28 images dequantized, then logit(α + (1 − 2α)x̃) unless α is null.
+    """MNIST (torchvision): 1×28×28 images of 256 levels; the model sees logit(α + (1 − 2α)x̃) of the
+    dequantized x̃, or x̃ itself when α is null.
 
     ``n_val`` of the 60,000 training images, chosen by ``split_seed``, are held out as val (0: none).
     """
     from torchvision import datasets, transforms
 
-    transform = Dequantize(logit_alpha)  # validates α before any disk or network access
+    transform = image_transform(logit_alpha)  # validates α before any disk or network access
     _check_n_val(n_val)
     root = os.path.expanduser(root)
     _ensure_present("MNIST", root, MNIST_FILES, download, partial(datasets.MNIST, root, download=True))
@@ -329,7 +337,7 @@ def mnist(
     train, val = _hold_out("mnist", train, n_val, split_seed)
     return DataBundle(
         train, test, shape=(1, 28, 28), transform=transform, kind="image", train_shuffle=True, val=val,
-        reference=reference,
+        reference=reference, levels=256,
     )
 
 
@@ -347,7 +355,7 @@ def cifar10(
     """
     from torchvision import datasets, transforms
 
-    transform = Dequantize(logit_alpha)
+    transform = image_transform(logit_alpha)
     _check_n_val(n_val)
     root = os.path.expanduser(root)
     _ensure_present("CIFAR-10", root, CIFAR10_FILES, download, partial(datasets.CIFAR10, root, download=True))
@@ -362,7 +370,7 @@ def cifar10(
     train, val = _hold_out("cifar10", train, n_val, split_seed, (lambda: reference) if hflip else None)
     return DataBundle(
         train, test, shape=(3, 32, 32), transform=transform, kind="image", train_shuffle=True, val=val,
-        reference=reference,
+        reference=reference, levels=256,
     )
 
 

@@ -47,9 +47,9 @@ class DSM(Loss):
 class NegativeELBO(Loss):
     """−ELBO(x) of the plug-in reverse SDE as a training loss (MATH.md §5), Hutchinson divergence.
 
-    A bound on −log p(x) whatever the forward process, so it trains a trainable SDE too."""
+    A bound on −log p(x) whatever the forward process, so it trains a trainable SDE and dequantizer too."""
 
-    trains = frozenset({"parameterization", "sde", "time_sampler", "loss"})
+    trains = frozenset({"parameterization", "sde", "time_sampler", "loss", "dequantizer"})
 
     def __init__(self, probe: Literal["rademacher", "gaussian"] = "rademacher"):
         check_probe(probe)
