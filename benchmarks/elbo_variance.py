@@ -99,11 +99,12 @@ class Bench:
     def bpd(self, estimate, seed: int) -> torch.Tensor:
         """Per-example bpd of one pass; batch b's noise comes from (seed, b), as in ``sdeflow eval``."""
         run, out = self.run, []
+        space, _ = run.space()
         for b, x in self.batches:
             generator = batch_generator(run.device, seed, b)
-            z, log_det = run.data.transform.forward(x.to(run.device), generator=generator)
+            z, log_det, log_q = space(x.to(run.device), generator=generator)
             log_p = estimate(run.ema, z, generator)
-            out.append(bits_per_dim(log_p.double(), log_det.double(), self.dim, run.data.transform.bits_offset))
+            out.append(bits_per_dim(log_p.double(), log_det.double(), self.dim, space.bits_offset, log_q.double()))
         return torch.cat(out).cpu()
 
     def timed_passes(self, estimate, repeats: int, warmup_examples: int | None = None) -> tuple[torch.Tensor, float]:
@@ -122,7 +123,7 @@ class Bench:
     @torch.no_grad()
     def warm_up(self, estimate, examples: int | None) -> None:
         _, x = self.batches[0]
-        z, _ = self.run.data.transform.forward(x[:examples].to(self.run.device))
+        z, _, _ = self.run.space()[0](x[:examples].to(self.run.device))
         estimate(self.run.ema, z, batch_generator(self.run.device, 999, 0))
 
 
@@ -208,7 +209,7 @@ def build_estimator(bench: Bench, name: str, proposal: str, k: int):
     estimate = make_estimators([name], cfg, ts, samples=k, sde=run.ema.sde)[name]
     start = time.perf_counter()
     x = next(iter(eval_batches(run.data.train, cfg.pilot_examples, cfg.pilot_examples)))[1].to(run.device)
-    z, _ = run.data.transform.forward(x, generator=pilot_generator(run.device, 0, "pilot data"))
+    z, _, _ = run.space()[0](x, generator=pilot_generator(run.device, 0, "pilot data"))
     estimate.prepare(run.ema, z, pilot_generator(run.device, 0, name))
     return estimate, time.perf_counter() - start
 

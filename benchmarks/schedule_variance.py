@@ -27,13 +27,14 @@ def draws(run, examples: int, repeats: int, seed: int) -> torch.Tensor:
     built = run.built
     x = run.examples("test", examples).to(built.device)
     generator = torch.Generator(device=built.device).manual_seed(seed)
-    z, log_det = built.data.transform.forward(x, generator=generator)
+    space, _ = built.space()
+    z, log_det, log_q = space(x, generator=generator)
     dim = z[0].numel()
     rows = []
     model = run.ema
     for _ in range(repeats):
-        nats = elbo(model, z, Uniform(), probe="rademacher", generator=generator) + log_det
-        rows.append(-nats.detach() / (dim * math.log(2)) + built.data.transform.bits_offset)
+        nats = elbo(model, z, Uniform(), probe="rademacher", generator=generator) + log_det - log_q
+        rows.append(-nats.detach() / (dim * math.log(2)) + space.bits_offset)
     return torch.stack(rows)
 
 
