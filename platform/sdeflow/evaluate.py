@@ -186,7 +186,10 @@ def _gather(ctx: DistContext, parts: list[Tensor], device, dtype: torch.dtype = 
 
 
 def format_results(results: dict[str, dict[str, float]], kind: str) -> str:
-    lines = []
+    """One line per estimator (bpd ± s.e., NLL, cost), after the dequantizer the bpd assumes, if any."""
+    dequantizers = {r["protocol"]["dequantizer"]["name"] for r in results.values()
+                    if isinstance(r, dict) and "dequantizer" in r.get("protocol", {})}
+    lines = [f"  (dequantizer: {', '.join(sorted(dequantizers))})"] if dequantizers else []
     for name, r in results.items():
         if not isinstance(r, dict) or "bpd" not in r:
             continue

@@ -39,11 +39,13 @@ PLAN_FILE = "sweep.json"
 
 COLUMNS = ["variant", "changes", "steps", "wall_s", "it_per_s", "final_loss",
            "val_bpd", "val_bpd_se", "val_delta", "val_delta_se_paired", "val_delta_se_indep", "val_rank",
-           "test_bpd", "test_bpd_se", "test_delta", "test_delta_se_paired", "test_delta_se_indep", "paired_n"]
+           "test_bpd", "test_bpd_se", "test_delta", "test_delta_se_paired", "test_delta_se_indep", "paired_n",
+           "dequantizer"]
 """Each bpd column names its split; deltas are to the baseline on the same examples; ``*_se_paired`` is
 std(bpd_variant,i − bpd_base,i)/√n over common examples and random streams (MATH.md §10),
 ``*_se_indep`` √(se² + se_base²) as if the two evaluations were independent; ``val_rank`` ranks by
-validation bpd (1 = best), so a variant is chosen on val and reported on test."""
+validation bpd (1 = best), so a variant is chosen on val and reported on test; ``dequantizer`` is the
+one the test bpd was measured with ("none" for continuous data)."""
 
 
 def own_settings_variant(data: Mapping[str, Any], variants: Sequence[Any]) -> str:
@@ -102,6 +104,8 @@ def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
         entry = _main(headline(run_dir, split))
         row[f"{split}_bpd"], row[f"{split}_bpd_se"] = entry.get("bpd"), entry.get("bpd_se")
         row[f"_{split}_entry"] = entry
+    protocol = row["_test_entry"].get("protocol", {})
+    row["dequantizer"] = protocol.get("dequantizer", {}).get("name", "none" if protocol else None)
     return row
 
 

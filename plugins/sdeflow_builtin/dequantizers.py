@@ -31,7 +31,7 @@ class Uniform(Dequantizer):
     """u ~ U[0, 1)^D: q(u | x) = 1 on the bin, log q = 0."""
 
     def __init__(self, data_shape: tuple[int, ...] | None = None):
-        pass
+        """No settings; the data's shape is not needed."""
 
     def sample(self, x: Tensor, levels: int, *, generator=None) -> tuple[Tensor, Tensor]:
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -45,8 +45,8 @@ class Uniform(Dequantizer):
 
 
 class TruncatedNormal(Dequantizer):
-    """u = ½ + w/(2τ), w ~ N(0, 1) truncated to [−τ, τ] (i-DODE §4): τ is the bin's half-width in standard
-    deviations. log q(u | x) = Σ_d [log φ(w_d) + log 2τ − log Z], Z = Φ(τ) − Φ(−τ).
+    """u = ½ + w/(2τ), w ~ N(0, 1) truncated to [−τ, τ] (i-DODE, Zheng et al. 2023): τ is the bin's
+    half-width in standard deviations. log q(u | x) = Σ_d [log φ(w_d) + log 2τ − log Z], Z = Φ(τ) − Φ(−τ).
 
     i-DODE sets τ from the forward process at t_ε (the bin's half-width in model space over σ(t_ε)/m(t_ε)),
     so dequantized data look like the noisy data the model was trained on near t_ε; train with the
