@@ -91,6 +91,7 @@ class Bench:
     def __init__(self, run_dir: str, max_examples: int, batch_size: int | None):
         self.run = open_run(run_dir)
         self.run.ema.eval()
+        self.space, _ = self.run.space()  # the run's dequantizer and transform
         batch_size = batch_size or self.run.exp.eval.batch_size
         self.batches = list(eval_batches(self.run.data.test, batch_size, max_examples))
         self.dim = math.prod(self.run.data.shape)
@@ -98,8 +99,7 @@ class Bench:
     @torch.no_grad()
     def bpd(self, estimate, seed: int) -> torch.Tensor:
         """Per-example bpd of one pass; batch b's noise comes from (seed, b), as in ``sdeflow eval``."""
-        run, out = self.run, []
-        space, _ = run.space()
+        run, space, out = self.run, self.space, []
         for b, x in self.batches:
             generator = batch_generator(run.device, seed, b)
             z, log_det, log_q = space(x.to(run.device), generator=generator)
@@ -123,7 +123,7 @@ class Bench:
     @torch.no_grad()
     def warm_up(self, estimate, examples: int | None) -> None:
         _, x = self.batches[0]
-        z, _, _ = self.run.space()[0](x[:examples].to(self.run.device))
+        z, _, _ = self.space(x[:examples].to(self.run.device))
         estimate(self.run.ema, z, batch_generator(self.run.device, 999, 0))
 
 
@@ -209,7 +209,7 @@ def build_estimator(bench: Bench, name: str, proposal: str, k: int):
     estimate = make_estimators([name], cfg, ts, samples=k, sde=run.ema.sde)[name]
     start = time.perf_counter()
     x = next(iter(eval_batches(run.data.train, cfg.pilot_examples, cfg.pilot_examples)))[1].to(run.device)
-    z, _, _ = run.space()[0](x, generator=pilot_generator(run.device, 0, "pilot data"))
+    z, _, _ = bench.space(x, generator=pilot_generator(run.device, 0, "pilot data"))
     estimate.prepare(run.ema, z, pilot_generator(run.device, 0, name))
     return estimate, time.perf_counter() - start
 

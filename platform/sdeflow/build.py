@@ -155,9 +155,9 @@ def build_space(exp: Experiment, data: DataBundle, registry: Registry | None = N
     spec = exp.components["dequantizer"]
     if data.levels is None:
         if spec != COMPONENT_DEFAULTS["dequantizer"]:
-            raise ConfigError(f"{exp.source}: dequantizer: {{{', '.join(f'{k}: {v}' for k, v in spec.items())}}} "
-                              f"needs discrete data, but data '{exp.components['data']['name']}' is continuous (its "
-                              "DataBundle has no levels); remove the dequantizer section")
+            raise ConfigError(f"{exp.source}: dequantizer: {exp.describe('dequantizer')} needs discrete data, but "
+                              f"data '{exp.components['data']['name']}' is continuous (its DataBundle has no levels); "
+                              "remove the dequantizer section")
         return ModelSpace(data.transform)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(exp.seed, "dequantizer"))

@@ -119,6 +119,10 @@ class Experiment:
     launcher: dict = attrs.Factory(dict)
     source: str = "<config>"
 
+    def describe(self, kind: str) -> str:
+        """A component's spec as written in YAML flow style, ``{name: vp, beta_max: 10}``, for messages."""
+        return "{" + ", ".join(f"{k}: {v}" for k, v in self.components[kind].items()) + "}"
+
     def args(self, kind: str) -> dict[str, Any]:
         """The keyword arguments of a component (its spec without ``name``)."""
         return {k: v for k, v in self.components[kind].items() if k != "name"}

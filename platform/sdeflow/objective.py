@@ -47,10 +47,10 @@ def check_trainable(exp, components: dict[str, Any]) -> None:
     loss = components["loss"]
     trains = getattr(loss, "trains", frozenset({"parameterization"}))
     trainable = set(trainable_parameters(components))
-    spec = lambda kind: "{" + ", ".join(f"{k}: {v}" for k, v in exp.components[kind].items()) + "}"  # noqa: E731
     for kind in sorted(trainable - set(trains)):
-        raise ConfigError(f"{exp.source}: {kind}: {spec(kind)} has trainable parameters, which loss: {spec('loss')} "
-                          f"does not train (it is not a bound on the likelihood); use a loss that is, such as "
+        raise ConfigError(f"{exp.source}: {kind}: {exp.describe(kind)} has trainable parameters, which loss: "
+                          f"{exp.describe('loss')} does not train (it is not a bound on the likelihood); use a loss "
+                          f"that is, such as "
                           f"{{name: elbo}}, or a {kind} without parameters")
     for kind, rate in exp.train.component_lr.items():
         if kind not in TRAINABLE_KINDS:

@@ -99,9 +99,8 @@ class Run:
         """(the EMA's way from data to model space, the dequantizer's spec): the experiment's own, or the
         one ``dequantizer`` names (checked like the experiment's section, built fresh)."""
         own = self.exp.components["dequantizer"]
-        if dequantizer is None:
-            return self.ema_objective.space, own
-        spec = check_component(self.registry, "dequantizer", dequantizer, "--dequantizer")
+        spec = own if dequantizer is None else check_component(self.registry, "dequantizer", dequantizer,
+                                                                "--dequantizer")
         if spec == own:
             return self.ema_objective.space, own
         exp = attrs.evolve(self.exp, components={**self.exp.components, "dequantizer": spec}, source="--dequantizer")

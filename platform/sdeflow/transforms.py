@@ -45,11 +45,9 @@ class Logit(DataTransform):
         return {"transform": "logit", "logit_alpha": self.alpha, "log_det": "included: bpd is of x~ in [0,1]^D"}
 
 
-class UnitInterval(DataTransform):
-    """Dequantized data the model sees as they are, x̃ ∈ [0, 1]^D (no logit): z = x̃, log-det 0."""
-
-    def forward(self, x: Tensor, *, generator=None) -> tuple[Tensor, Tensor]:
-        return x, x.new_zeros(x.shape[0])
+class UnitInterval(Identity):
+    """Dequantized data the model sees as they are, x̃ ∈ [0, 1]^D (no logit): z = x̃, log-det 0; samples
+    are clamped back into the unit cube."""
 
     def inverse(self, z: Tensor) -> Tensor:
         return z.clamp(0, 1)

@@ -129,8 +129,7 @@ class Variational(nn.Module, Dequantizer):
         super().__init__()
         require(hidden >= 1, "hidden", f"must be at least 1, got {hidden}")
         require(couplings >= 1, "couplings", f"must be at least 1, got {couplings}")
-        self.data_shape = tuple(data_shape)
-        C, H, W = self.planes = _as_planes(self.data_shape)
+        C, H, W = self.planes = _as_planes(tuple(data_shape))
         self.features = nn.Sequential(nn.Conv2d(C, hidden, 3, padding=1), nn.SiLU(),
                                       nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU())
         c, i, j = torch.meshgrid(torch.arange(C), torch.arange(H), torch.arange(W), indexing="ij")
