@@ -155,7 +155,7 @@ def test_denoising_constant_is_the_integral_of_D_c(sde_name):
     c = lambda s: float(0.5 * sde.likelihood_weight(torch.tensor([s], dtype=torch.float64))  # noqa: E731
                         + sde.linear_drift(torch.tensor([s], dtype=torch.float64)))
     value = integrate.quad(c, sde.t_eps, sde.T, limit=500, points=[10 * sde.t_eps])[0]
-    assert 5 * value == pytest.approx(denoising_constant(sde, 5), rel=1e-6)
+    assert 5 * value == pytest.approx(float(denoising_constant(sde, 5)), rel=1e-6)
 
 
 @pytest.mark.parametrize("sde_name", SDES)

@@ -16,7 +16,7 @@ from helpers_exp import assert_one_line_error, run_cli, write_experiment
 from oracles import gaussian_3d, one_thread
 from sdeflow.checkpoint import load
 from sdeflow.distributed import DistContext
-from sdeflow.elbo import elbo, prior_term
+from sdeflow.elbo import dsm_elbo, elbo, prior_term
 from sdeflow.errors import ConfigError
 from sdeflow.interfaces import Loss, TabulatedTimeDensity, flat_sum
 from sdeflow.model import DiffusionModel, ExactScoreModel
@@ -28,7 +28,7 @@ from sdeflow.transforms import mean_and_se
 from sdeflow_builtin.losses import NegativeELBO
 from sdeflow_builtin.networks.mlp import MLP
 from sdeflow_builtin.parameterizations import Drift
-from sdeflow_builtin.sdes import LearnedVPSDE
+from sdeflow_builtin.sdes import VPSDE, LearnedVPSDE
 from sdeflow_builtin.time_samplers import Debiased, Uniform
 from test_training import assert_same_state, experiment
 
@@ -85,6 +85,75 @@ def test_exact_score_elbo_is_log_p_for_any_interior_shape(gamma_max):
             assert abs(gap + kl) < 4 * se + 1e-3, (gap, kl, se)
     if gamma_max == 1.0:
         assert kl > 8 * se  # the endpoint matters: the test would see a wrong prior term
+
+
+# ------------------------------------------------------------------ the ELBO loss's gradients are the bound's
+
+FORMS = {"divergence": elbo, "denoising": dsm_elbo}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("sampler", [Debiased, Uniform])
+def test_the_elbo_loss_differentiates_through_y_t_into_the_data(form, sampler):
+    """With the exact score of Gaussian data the ELBO is log p(x) for every x, so its gradient in x (the
+    path a dequantizer trains by) is ∇ log p(x) = −Σ⁻¹(x − μ): through Y_t = m x + σ ε too, not only
+    through the prior term (detaching Y_t before the divergence misses it by the whole gradient)."""
+    oracle, sde = gaussian_3d(), VPSDE()
+    model = ExactScoreModel(sde, oracle.score(sde))
+    x0 = oracle.sample(3, torch.Generator().manual_seed(0))
+    n = 100_000
+    with one_thread():
+        x = x0.repeat_interleave(n, 0).requires_grad_(True)
+        value = FORMS[form](model, x, sampler(), generator=torch.Generator().manual_seed(1), create_graph=True)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+    grad = grad.reshape(3, n, 3)
+    exact = -torch.linalg.solve(oracle.covs[0], (x0 - oracle.mean).T).T
+    se = grad.std(dim=1) / math.sqrt(n)
+    assert exact.abs().max() > 50 * se.max()
+    assert ((grad.mean(dim=1) - exact).abs() < 4.5 * se + 1e-3).all(), (grad.mean(dim=1) - exact, se)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_elbo_loss_gives_the_endpoints_the_gradient_of_the_prior_mismatch(form):
+    """With the exact score, E ELBO = E log p − KL(q_T ‖ p_T) for every schedule, so its gradient in the
+    learned endpoints is −∇ KL, taken here by central differences of the closed-form KL (γ_max = 1 leaves a
+    mismatch that depends on it)."""
+    oracle = gaussian_3d()
+    sde = learned(gamma_max=1.0, learn_endpoints=True, variance_interior=False).double()
+    model = ExactScoreModel(sde, oracle.score(sde))
+
+    def kl(ends) -> float:
+        with torch.no_grad():
+            saved = sde.ends.clone()
+            sde.ends.copy_(torch.tensor(ends, dtype=torch.float64))
+            value = oracle.prior_kl(sde)
+            sde.ends.copy_(saved)
+        return value
+
+    h = 1e-4
+    expected = [-(kl([-10.0 + h, 1.0]) - kl([-10.0 - h, 1.0])) / (2 * h),
+                -(kl([-10.0, 1.0 + h]) - kl([-10.0, 1.0 - h])) / (2 * h)]
+    g = torch.Generator().manual_seed(1)
+    chunks = []
+    with one_thread():
+        for _ in range(100):
+            value = FORMS[form](model, oracle.sample(1000, g), Uniform(), generator=g, create_graph=True)
+            chunks.append(torch.autograd.grad(value.mean(), sde.ends)[0])
+    chunks = torch.stack(chunks)
+    mean, se = chunks.mean(dim=0), chunks.std(dim=0) / math.sqrt(len(chunks))
+    assert abs(expected[1]) > 10 * float(se[1])  # the test can see the endpoint's gradient
+    assert ((mean - torch.tensor(expected, dtype=torch.float64)).abs() < 4.5 * se).all(), (mean, expected, se)
+
+
+def test_the_denoising_form_needs_an_sde_with_linear_drift(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "check", write_experiment(tmp_path, sde={"name": "vp_const"},
+                                                               loss={"name": "elbo", "form": "denoising"}))
+    assert_one_line_error(status, err, "tiny.yaml: loss.form: the denoising form of the ELBO (MATH.md §9) needs",
+                          "linear drift", "(sde: {name: vp_const})")
+    status, _, err = run_cli(capsys, "check", write_experiment(tmp_path, loss={"name": "elbo", "form": "denoising"}))
+    assert status == 0, err
+    status, _, err = run_cli(capsys, "check", write_experiment(tmp_path, loss={"name": "elbo", "form": "both"}))
+    assert_one_line_error(status, err, "tiny.yaml: loss.form: expected 'divergence' | 'denoising', got 'both'")
 
 
 # ------------------------------------------------------------------ the kernel

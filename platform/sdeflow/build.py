@@ -89,6 +89,10 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
         raise ConfigError(f"{exp.source}: eval.ode_method: {e.message}") from None
     check_trainable(exp, {"sde": parts.sde, "loss": parts.loss, "time_sampler": parts.time_sampler})
     try:
+        getattr(parts.loss, "check_sde", lambda sde: None)(parts.sde)
+    except InvalidArgument as e:
+        raise ConfigError(f"{exp.source}: loss.{e.argument}: {e.message} (sde: {exp.describe('sde')})") from None
+    try:
         parse_metrics(exp.eval.metrics)
         names = parse_estimators(exp.eval.estimator)
         if set(names) & {"dsm_elbo", "combined_elbo"}:

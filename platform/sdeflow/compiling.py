@@ -1,6 +1,7 @@
 """How a training step runs on the device: ``train.compile`` (the network under ``torch.compile``,
 falling back to eager with one notice when compiling is impossible here, whether that shows when
-wrapping or only at the first step) and ``precision: bf16`` (autocast on CUDA)."""
+wrapping or only at the first step, and running eagerly where a loss differentiates it twice) and
+``precision: bf16`` (autocast on CUDA)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,51 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from .checkpoint import rng_state, set_rng_state
 
+_twice = 0  # > 0 inside differentiated_twice(): compiled networks run their eager module
+
+
+@contextlib.contextmanager
+def differentiated_twice(active: bool = True):
+    """Inside: the network's outputs are differentiated twice (a divergence that training backpropagates
+    through, MATH.md §5), which a compiled graph cannot be (aot_autograd has no double backward), so a
+    network under ``train.compile`` runs eagerly there, on the same parameters."""
+    global _twice
+    _twice += int(active)
+    try:
+        yield
+    finally:
+        _twice -= int(active)
+
+
+class EagerWhenTwice(nn.Module):
+    """``torch.compile(network)`` outside :func:`differentiated_twice`, the network itself inside it; says
+    so once, the first time it runs eagerly."""
+
+    def __init__(self, network: nn.Module, notice: Callable[[str], None]):
+        super().__init__()
+        self.eager, self.notice = network, notice
+        self.__dict__["compiled"] = torch.compile(network)  # not a submodule: one copy of the parameters
+        self.told = False
+
+    def forward(self, *args, **kwargs):
+        if not _twice:
+            return self.compiled(*args, **kwargs)
+        if not self.told:
+            self.told = True
+            self.notice("train.compile: the network runs eagerly for draws whose loss is differentiated twice "
+                        "(the ELBO's divergence; with loss.form: denoising only the draws below t_eps), "
+                        "as compiled graphs have no double backward")
+        return self.eager(*args, **kwargs)
+
 
 class CompiledNetwork:
-    """Puts ``torch.compile(network)`` into ``parameterization.network`` (when ``enabled``) and owns
-    the fallback: on failure the eager network goes back in and the step is redone from the same RNG
-    state, so it draws the same noise the compiled step would have."""
+    """Puts the compiled network (:class:`EagerWhenTwice`) into ``parameterization.network`` (when
+    ``enabled``) and owns the fallback: on failure the eager network goes back in and the step is redone
+    from the same RNG state, so it draws the same noise the compiled step would have."""
 
     def __init__(self, parameterization, network: torch.nn.Module, enabled: bool, notice: Callable[[str], None]):
         self.parameterization, self.eager, self.notice = parameterization, network, notice
@@ -23,7 +61,7 @@ class CompiledNetwork:
         parameterization.network = network
         if enabled:
             try:
-                parameterization.network = torch.compile(network)
+                parameterization.network = EagerWhenTwice(network, notice)
             except Exception as e:  # no compiler backend at all
                 self.failed(e)
 

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .compiling import differentiated_twice
 from .errors import InvalidArgument
 from .interfaces import SDE, TimeSampler, bcast, flat_sum, randn_like
 
@@ -58,9 +59,15 @@ def exact_divergence(out: Tensor, y: Tensor, *, create_graph: bool = False) -> T
 def elbo_integrand(
     model, y: Tensor, t: Tensor, probe: str = "rademacher", *, generator=None, create_graph: bool = False
 ) -> Tensor:
-    """½‖a(y, t)‖² + ∇·μ(y, t) with μ = g a − f, per example (MATH.md §5)."""
-    with torch.enable_grad():
-        y = y.detach().requires_grad_(True)
+    """½‖a(y, t)‖² + ∇·μ(y, t) with μ = g a − f, per example (MATH.md §5).
+
+    With ``create_graph`` (training) the value is differentiated again: through the network, and through
+    y itself when y carries a graph (Y_t = m x + σ ε depends on a trainable SDE's and dequantizer's
+    parameters), so their gradients are those of the bound. The network runs eagerly there
+    (:func:`sdeflow.compiling.differentiated_twice`)."""
+    keep = create_graph and y.requires_grad
+    with torch.enable_grad(), differentiated_twice(create_graph):
+        y = y if keep else y.detach().requires_grad_(True)
         a = model.a(y, t)
         mu = bcast(model.sde.g(t), y) * a - model.sde.f(y, t)
         div = divergence(mu, y, probe, generator=generator, create_graph=create_graph)
@@ -99,10 +106,10 @@ def elbo(
 # ------------------------------------------------------------------ the denoising form (MATH.md §9)
 
 
-def require_linear_drift(sde: SDE) -> None:
+def require_linear_drift(sde: SDE, argument: str = "estimator") -> None:
     """The denoising form holds only for f = κ(t) y, which an SDE declares through ``linear_drift``."""
     if sde.linear_drift(torch.full((1,), sde.T, dtype=torch.float64)) is None:
-        raise InvalidArgument("estimator", f"the denoising form of the ELBO (MATH.md §9) needs an SDE with "
+        raise InvalidArgument(argument, f"the denoising form of the ELBO (MATH.md §9) needs an SDE with "
                               f"linear drift f = κ(t) y; {type(sde).__name__} declares none (SDE.linear_drift)")
 
 
@@ -117,11 +124,11 @@ def prior_term(sde: SDE, x: Tensor, generator=None) -> Tensor:
     return -0.5 * D * math.log(2 * math.pi * s**2) - (mean2 + D * sde.sigma(T) ** 2) / (2 * s**2)
 
 
-def denoising_constant(sde: SDE, dim: int) -> float:
-    """½ D log(σ²(T)/σ²(t_ε)) = ∫_{t_ε}^T D c(t) dt, c = ½ d/dt log σ² (MATH.md §9)."""
-    ends = torch.tensor([sde.T, sde.t_eps], dtype=torch.float64)
-    sigma_T, sigma_eps = sde.sigma(ends).tolist()
-    return dim * math.log(sigma_T / sigma_eps)
+def denoising_constant(sde: SDE, dim: int) -> Tensor:
+    """½ D log(σ²(T)/σ²(t_ε)) = ∫_{t_ε}^T D c(t) dt, c = ½ d/dt log σ² (MATH.md §9); a 0-dim float64
+    tensor, differentiable in a trainable SDE's parameters."""
+    sigma_T, sigma_eps = sde.sigma(torch.tensor([sde.T, sde.t_eps], dtype=torch.float64))
+    return dim * torch.log(sigma_T / sigma_eps)
 
 
 def dsm_integrand(model, y: Tensor, t: Tensor, eps: Tensor, a: Tensor | None = None) -> Tensor:
@@ -143,11 +150,15 @@ def _draws(sde: SDE, x: Tensor, time_sampler: TimeSampler, samples: int, generat
 
 def dsm_elbo(
     model, x: Tensor, time_sampler: TimeSampler, *, probe: str = "rademacher", samples: int = 1, generator=None,
+    create_graph: bool = False,
 ) -> Tensor:
     """ELBO(x) = E log p_T + ½ D log(σ²(T)/σ²(t_ε)) − ∫_{t_ε}^T E[r ℓ] − ∫_0^{t_ε} E[½‖a‖² + ∇·μ] (MATH.md §9).
 
-    Same bound as :func:`elbo`. Above t_ε a draw costs one network evaluation (no divergence, no probe);
-    the few draws below t_ε take the §5 integrand with a Hutchinson probe. For evaluation: no graph.
+    Same bound as :func:`elbo`. Above t_ε a draw costs one network evaluation and a first-order gradient
+    (no divergence, no probe); only the few draws below t_ε take the §5 integrand with a Hutchinson
+    probe. Every draw goes through the network at once, the ones below t_ε at t_ε (a finite value that
+    is then replaced), so a training step has one static shape. ``create_graph``: differentiable, for
+    training (the ``elbo`` loss with ``form: denoising``).
     """
     check_probe(probe)
     sde = model.sde
@@ -155,13 +166,13 @@ def dsm_elbo(
     xs, t, q, eps, y = _draws(sde, x, time_sampler, samples, generator)
     prior = prior_term(sde, xs, generator)
     low = t <= sde.t_eps
-    integrand = torch.empty_like(t)
-    with torch.no_grad():
-        high = ~low
-        integrand[high] = dsm_integrand(model, y[high], t[high], eps[high])
+    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+        integrand = dsm_integrand(model, y, t.clamp(min=sde.t_eps), eps)
     if bool(low.any()):
-        integrand[low] = elbo_integrand(model, y[low], t[low], probe, generator=generator)
-    value = prior + denoising_constant(sde, x[0].numel()) - integrand / q
+        below = elbo_integrand(model, y[low], t[low], probe, generator=generator, create_graph=create_graph)
+        integrand = integrand.masked_scatter(low, below.to(integrand.dtype))
+    constant = denoising_constant(sde, x[0].numel()).to(x.dtype)
+    value = prior + constant - integrand / q
     return value.reshape(x.shape[0], samples).mean(dim=1)
 
 
@@ -211,5 +222,5 @@ def elbo_forms(
     return ELBOForms(
         t=t, q=q, prior=prior, divergence=divergence_integrand,
         denoising=torch.where(low, divergence_integrand, dsm_integrand(model, y.detach(), t, eps, a)),
-        drift_term=torch.where(low, torch.zeros_like(c), D * c), constant=denoising_constant(sde, D),
+        drift_term=torch.where(low, torch.zeros_like(c), D * c), constant=float(denoising_constant(sde, D)),
     )

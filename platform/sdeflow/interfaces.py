@@ -244,7 +244,9 @@ class Loss(abc.ABC):
 
     Optional: ``weight(sde, t)``, the time weight w(t) a loss divides by the sampler's q(t) (the kernel
     then warns when a non-uniform time sampler leaves w/q far from constant), and
-    ``matched_time_sampler_fix``, a one-line hint for that warning.
+    ``matched_time_sampler_fix``, a one-line hint for that warning; ``check_sde(sde)``, raising
+    :class:`~sdeflow.errors.InvalidArgument` (naming the loss's own argument) for an SDE it cannot
+    train with, which ``sdeflow check`` reports as a config error naming both sections.
     """
 
     trains: frozenset[str] = frozenset({"parameterization"})

@@ -1,4 +1,4 @@
-"""Training losses: denoising score matching and the negative ELBO (MATH.md §4–5)."""
+"""Training losses: denoising score matching and the negative ELBO (MATH.md §4–5, §9)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sdeflow.elbo import check_probe, elbo
+from sdeflow.elbo import check_probe, dsm_elbo, elbo, require_linear_drift
 from sdeflow.errors import require
 from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import Loss, TimeSampler, bcast, flat_sum, randn_like
@@ -45,19 +45,29 @@ class DSM(Loss):
 
 
 class NegativeELBO(Loss):
-    """−ELBO(x) of the plug-in reverse SDE as a training loss (MATH.md §5), Hutchinson divergence.
+    """−ELBO(x) of the plug-in reverse SDE as a training loss: ``form: divergence`` (MATH.md §5, a
+    Hutchinson divergence differentiated twice) or ``form: denoising`` (MATH.md §9, the same bound with
+    one network evaluation and a first-order gradient per draw above t_ε; needs an SDE with linear drift).
 
     A bound on −log p(x) whatever the forward process, so it trains a trainable SDE and dequantizer too."""
 
     trains = frozenset({"parameterization", "sde", "time_sampler", "loss", "dequantizer"})
 
-    def __init__(self, probe: Literal["rademacher", "gaussian"] = "rademacher"):
+    def __init__(self, probe: Literal["rademacher", "gaussian"] = "rademacher",
+                 form: Literal["divergence", "denoising"] = "divergence"):
         check_probe(probe)
         require(probe != "exact", "probe", "exact divergence is for evaluation, not training")
-        self.probe = probe
+        require(form in ("divergence", "denoising"), "form", f"must be 'divergence' or 'denoising', got {form!r}")
+        self.probe, self.form = probe, form
+
+    def check_sde(self, sde) -> None:
+        """The denoising form needs f = κ(t) y (MATH.md §9)."""
+        if self.form == "denoising":
+            require_linear_drift(sde, "form")
 
     def __call__(self, model, x: Tensor, time_sampler: TimeSampler, *, generator=None) -> Tensor:
-        return -elbo(model, x, time_sampler, probe=self.probe, generator=generator, create_graph=True)
+        bound = dsm_elbo if self.form == "denoising" else elbo
+        return -bound(model, x, time_sampler, probe=self.probe, generator=generator, create_graph=True)
 
 
 @hookimpl
