@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sdeflow.results import per_example
 from sdeflow.runlog import read_metrics
 from sdeflow.summary import own_settings_variant, write_summary
 from sdeflow.sweep import expand, prepare, run_sweep
+from sdeflow.yamlio import read_yaml
 
 SOURCE = "exp.yaml"
 
@@ -181,3 +183,23 @@ def test_a_grid_without_base_takes_the_variant_repeating_the_files_own_settings(
     assert own_settings_variant(data, variants) == "score-subvp"
     assert own_settings_variant({"ablations": [{"name": "x", "set": {}}]}, expand({"ablations": [
         {"name": "x", "set": {}}]}, SOURCE)) == "base"
+
+
+SHIPPED = sorted((Path(__file__).parents[1] / "experiments").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_experiment_and_each_of_its_variants_passes_the_checks(path):
+    assert len(SHIPPED) >= 9
+    variants = prepare(path)
+    assert variants and all(v.exp is not None for v in variants)
+
+
+def test_the_gpu_twin_of_the_likelihood_ablation_differs_only_in_data_and_steps():
+    folder = Path(__file__).parents[1] / "experiments" / "ablations"
+    cpu, gpu = (read_yaml(folder / f"likelihood_techniques{suffix}.yaml") for suffix in ("", "_mnist"))
+    assert set(cpu) == set(gpu)
+    differ = {key for key in cpu if cpu[key] != gpu[key]}
+    assert differ == {"name", "data", "train"}
+    assert {k for k in cpu["train"] if cpu["train"][k] != gpu["train"][k]} == {"steps"}
+    assert gpu["train"]["steps"] > 50 * cpu["train"]["steps"]
