@@ -54,14 +54,19 @@ def draws(run, examples: int, repeats: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def row(label: str, run, values: torch.Tensor, sde_state: str) -> str:
-    """One table row: the mean bpd with its s.e. over examples, and the mean and median over examples of
-    the variance of one draw."""
+def mean_se(values: torch.Tensor) -> str:
+    return f"{float(values.mean()):+.4f} ({float(values.std() / math.sqrt(len(values))):.4f})"
+
+
+def row(label: str, run, values: torch.Tensor, sde_state: str, trained: torch.Tensor | None = None) -> str:
+    """One table row: the mean bpd with its s.e. over examples, the mean and median over examples of the
+    variance of one draw, and (for the step-0 SDE) the mean's change from the trained SDE's on the same
+    draws, with its paired s.e."""
     exp, per_example = run.exp, values.mean(dim=0)
-    se = per_example.std() / math.sqrt(len(per_example))
     variance = values.var(dim=0)
+    change = "" if trained is None else mean_se(per_example - trained.mean(dim=0))
     return (f"| {label} | {exp.describe('sde')} ({sde_state}) | {exp.describe('loss')} | "
-            f"{exp.describe('time_sampler')} | {float(per_example.mean()):.4f} ({float(se):.4f}) | "
+            f"{exp.describe('time_sampler')} | {mean_se(per_example)[1:]} | {change} | "
             f"{float(variance.mean()):.2f} | {float(variance.median()):.3f} |")
 
 
@@ -75,18 +80,20 @@ def main() -> None:
                         help="also evaluate each run whose SDE has parameters with them as they were at step 0, "
                              "the network as trained: the variance before and after the schedule was learned")
     args = parser.parse_args()
-    print("| run | SDE (its parameters) | loss | time sampler | mean bpd (s.e.) | variance of one draw, mean "
-          "over examples (bpd²) | median over examples (bpd²) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | SDE (its parameters) | loss | time sampler | mean bpd (s.e.) | change (paired s.e.) | "
+          "variance of one draw, mean over examples (bpd²) | median over examples (bpd²) |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in args.runs:
         run = sdeflow.open_run(path)
-        print(row(path, run, draws(run, args.examples, args.draws, args.seed), "trained"), flush=True)
+        trained = draws(run, args.examples, args.draws, args.seed)
+        print(row(path, run, trained, "trained"), flush=True)
         sde = run.ema.sde
         if args.initial_sde and any(True for _ in sde.parameters()):
-            trained = {k: v.clone() for k, v in sde.state_dict().items()}
+            state = {k: v.clone() for k, v in sde.state_dict().items()}
             sde.load_state_dict(build_parts(run.exp, run.built.registry).sde.state_dict())
-            print(row(path, run, draws(run, args.examples, args.draws, args.seed), "as at step 0"), flush=True)
-            sde.load_state_dict(trained)
+            initial = draws(run, args.examples, args.draws, args.seed)  # the same seed: the same draws
+            print(row(path, run, initial, "as at step 0", trained), flush=True)
+            sde.load_state_dict(state)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from sdeflow.build import build_parts
+from sdeflow.checkpoint import load
 from sdeflow.config import load_experiment
 from sdeflow.trainer import train
 
@@ -68,8 +70,8 @@ def test_an_error_in_the_model_itself_is_not_hidden_by_the_compile_fallback(expe
         train(load_experiment(experiment, ["train.compile=true"]), tmp_path / "run")
 
 
-@pytest.mark.parametrize("form", ["denoising", "divergence"])
-def test_the_elbo_loss_trains_under_torch_compile(experiment, tmp_path, capsys, monkeypatch, form):
+@pytest.mark.parametrize(("form", "sde"), [("denoising", "vp"), ("divergence", "vp"), ("denoising", "learned_vp")])
+def test_the_elbo_loss_trains_under_torch_compile(experiment, tmp_path, capsys, monkeypatch, form, sde):
     """Compiled graphs have no double backward: draws whose loss differentiates the network twice (the
     divergence) run it eagerly, on the same parameters, the others compiled, in one step. With t_ε = 0.2
     a fifth of the denoising form's draws are such draws; the divergence form has only those."""
@@ -80,7 +82,7 @@ def test_the_elbo_loss_trains_under_torch_compile(experiment, tmp_path, capsys, 
         return lambda *args: calls.append(len(args[0])) or compiled(*args)
 
     monkeypatch.setattr(torch, "compile", counted)
-    args = [f"loss={{name: elbo, form: {form}}}", "sde={name: vp, t_eps: 0.2}"]
+    args = [f"loss={{name: elbo, form: {form}}}", f"sde={{name: {sde}, t_eps: 0.2}}"]
     train(load_experiment(experiment, [*args, "train.compile=true"]), tmp_path / "compiled")
     err = capsys.readouterr().err
     if "train.compile unavailable here" in err:  # e.g. no C++ compiler on this machine
@@ -89,3 +91,8 @@ def test_the_elbo_loss_trains_under_torch_compile(experiment, tmp_path, capsys, 
     assert calls == ([16] * 3 if form == "denoising" else [])  # every step's whole batch, compiled
     train(load_experiment(experiment, args), tmp_path / "eager")
     assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-5)
+    if sde == "learned_vp":  # the schedule trained under compile as it does eagerly
+        compiled, eager = (load(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("compiled", "eager"))
+        start = load_experiment(experiment, args)
+        assert not torch.equal(compiled["sde.h.w2"], build_parts(start).sde.h.w2)
+        torch.testing.assert_close(compiled["sde.h.w2"], eager["sde.h.w2"], rtol=1e-4, atol=1e-6)
