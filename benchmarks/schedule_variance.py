@@ -54,8 +54,9 @@ def draws(run, examples: int, repeats: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def mean_se(values: torch.Tensor) -> str:
-    return f"{float(values.mean()):+.4f} ({float(values.std() / math.sqrt(len(values))):.4f})"
+def mean_se(values: torch.Tensor, sign: str = "") -> str:
+    """'mean (s.e.)' over examples; ``sign="+"`` for a change."""
+    return f"{float(values.mean()):{sign}.4f} ({float(values.std() / math.sqrt(len(values))):.4f})"
 
 
 def row(label: str, run, values: torch.Tensor, sde_state: str, trained: torch.Tensor | None = None) -> str:
@@ -64,9 +65,9 @@ def row(label: str, run, values: torch.Tensor, sde_state: str, trained: torch.Te
     draws, with its paired s.e."""
     exp, per_example = run.exp, values.mean(dim=0)
     variance = values.var(dim=0)
-    change = "" if trained is None else mean_se(per_example - trained.mean(dim=0))
+    change = "" if trained is None else mean_se(per_example - trained.mean(dim=0), "+")
     return (f"| {label} | {exp.describe('sde')} ({sde_state}) | {exp.describe('loss')} | "
-            f"{exp.describe('time_sampler')} | {mean_se(per_example)[1:]} | {change} | "
+            f"{exp.describe('time_sampler')} | {mean_se(per_example)} | {change} | "
             f"{float(variance.mean()):.2f} | {float(variance.median()):.3f} |")
 
 
