@@ -203,7 +203,7 @@ class Run:
         estimators = run.estimators(estimator, samples=samples)
         if len(estimators) != 1:
             raise SdeflowError(f"estimator: one name, got {estimator!r} (Run.evaluate takes several)")
-        space, _ = run.space()
+        space, _, _ = run.space()
         prepare_on_pilot(estimators, self.ema, run.data, pilot_examples=run.exp.eval.pilot_examples, seed=seed,
                          device=run.device, space=space)
         nll, log_det, log_q = batch_nll(self.ema, space, estimators, x.to(run.device), batch=0, seed=seed,
@@ -213,14 +213,16 @@ class Run:
 
     def evaluate(self, split: str = "test", *, estimator: str | None = None, max_examples: int | None = None,
                  samples: int | None = None, time_sampler: str | None = None, batch_size: int | None = None,
-                 dequantizer: str | Mapping[str, Any] | None = None, save: bool = True, show: bool = True
-                 ) -> dict[str, dict[str, Any]]:
+                 dequantizer: str | Mapping[str, Any] | None = None, bound: str | None = None, save: bool = True,
+                 show: bool = True) -> dict[str, dict[str, Any]]:
         """``sdeflow eval``: every named estimator (default: the experiment's) over ``split``, each result
         with its bpd, s.e., settings and ``examples`` (per-example index, nats, bpd). ``dequantizer`` (a
         name or a ``{name, **args}`` spec) evaluates discrete data under another one than the
-        experiment's. With ``save`` it is recorded in eval.json beside the others."""
+        experiment's; ``bound`` (paper, discrete, truncated) evaluates the model under another bound (MATH.md
+        §15). With ``save`` it is recorded in eval.json beside the others."""
         results = self._run.evaluate(split=split, estimator=estimator, max_examples=max_examples, samples=samples,
-                                     time_sampler=time_sampler, batch_size=batch_size, dequantizer=dequantizer)
+                                     time_sampler=time_sampler, batch_size=batch_size, dequantizer=dequantizer,
+                                     bound=bound)
         if show:
             print(format_results(results, self.data.kind))
         if save:

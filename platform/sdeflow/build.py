@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from .bounds import Bound, make_bound
 from .checkpoint import derive_seed
 from .config import COMPONENT_DEFAULTS, Experiment, build_component
 from .elbo import require_linear_drift
@@ -87,6 +88,7 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
         check_method(exp.eval.ode_method)
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: eval.ode_method: {e.message}") from None
+    check_bound(exp, registry or default_registry())
     check_trainable(exp, {"sde": parts.sde, "loss": parts.loss, "time_sampler": parts.time_sampler})
     try:
         getattr(parts.loss, "check_sde", lambda sde: None)(parts.sde)
@@ -153,17 +155,40 @@ def build_model(exp: Experiment, sde: SDE, data_shape: tuple[int, ...], registry
     return DiffusionModel(sde, parameterization)
 
 
-def build_space(exp: Experiment, data: DataBundle, registry: Registry | None = None) -> ModelSpace:
-    """How data reach model space: the experiment's dequantizer (built for the data's shape, its initial
-    parameters from the seed alone) when the data are discrete, then the data set's transform."""
+def build_bound(exp: Experiment, data: DataBundle) -> Bound:
+    """The experiment's bound for its data (MATH.md §15); ``discrete`` on continuous data is a config error."""
+    if exp.bound == "discrete" and data.levels is None:
+        raise ConfigError(f"{exp.source}: bound: discrete needs data with levels (a decoder over them), but data "
+                          f"'{exp.components['data']['name']}' is continuous; use bound: truncated or bound: paper")
+    return make_bound(exp.bound, data.transform, data.levels)
+
+
+def build_space(exp: Experiment, data: DataBundle, sde: SDE, registry: Registry | None = None) -> ModelSpace:
+    """How data reach model space under the experiment's bound: the experiment's dequantizer (built for the
+    data's shape, its initial parameters from the seed alone) when the data are discrete and the bound is
+    the paper's, the bound's own otherwise; then the data set's transform."""
     spec = exp.components["dequantizer"]
-    if data.levels is None:
-        if spec != COMPONENT_DEFAULTS["dequantizer"]:
-            raise ConfigError(f"{exp.source}: dequantizer: {exp.describe('dequantizer')} needs discrete data, but "
-                              f"data '{exp.components['data']['name']}' is continuous (its DataBundle has no levels); "
-                              "remove the dequantizer section")
-        return ModelSpace(data.transform)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(exp.seed, "dequantizer"))
-        dequantizer = build_component(registry or default_registry(), exp, "dequantizer", data_shape=tuple(data.shape))
-    return ModelSpace(data.transform, data.levels, dequantizer)
+    if data.levels is None and spec != COMPONENT_DEFAULTS["dequantizer"]:
+        raise ConfigError(f"{exp.source}: dequantizer: {exp.describe('dequantizer')} needs discrete data, but "
+                          f"data '{exp.components['data']['name']}' is continuous (its DataBundle has no levels); "
+                          "remove the dequantizer section")
+    dequantizer = None
+    if data.levels is not None and exp.bound == "paper":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(exp.seed, "dequantizer"))
+            dequantizer = build_component(registry or default_registry(), exp, "dequantizer",
+                                          data_shape=tuple(data.shape))
+    return build_bound(exp, data).space(data.transform, data.levels, dequantizer, sde)
+
+
+def check_bound(exp: Experiment, registry: Registry) -> None:
+    """The bound is finite for the parameterization (MATH.md §13) and owns the region below t_ε alone."""
+    parameterization = registry.get("parameterization", exp.components["parameterization"]["name"]).factory
+    if exp.bound == "paper" and not getattr(parameterization, "bounded_at_zero", True):
+        raise ConfigError(f"{exp.source}: bound: paper integrates the ELBO to t = 0, where parameterization: "
+                          f"{exp.describe('parameterization')} declares its integrand unbounded (MATH.md §13); "
+                          "set bound: truncated or bound: discrete")
+    if exp.bound != "paper" and exp.components["dequantizer"] != COMPONENT_DEFAULTS["dequantizer"]:
+        raise ConfigError(f"{exp.source}: dequantizer: {exp.describe('dequantizer')} is the paper bound's choice; "
+                          f"bound: {exp.bound} pays for [0, t_eps] its own way (MATH.md §15); remove the dequantizer "
+                          "section or set bound: paper")

@@ -126,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = open_run(args.run_dir)
     results = run.evaluate(args.split, estimator=args.estimator, max_examples=args.max_examples,
                            samples=args.samples_per_example, time_sampler=args.time_sampler,
-                           batch_size=args.batch_size, dequantizer=args.dequantizer)
+                           batch_size=args.batch_size, dequantizer=args.dequantizer, bound=args.bound)
     if args.metrics:
         run.quality(args.metrics, split=args.split, n=args.num, seed=args.seed)
     partial = [name for name, e in results.items() if not e["full"]]

@@ -115,6 +115,9 @@ def _eval(p: argparse.ArgumentParser) -> None:
                    help="evaluate discrete data under another dequantizer: a name (truncated_normal) or a YAML "
                         "spec ('{name: truncated_normal, tau: 2}'); recorded beside the headline "
                         "(default: the experiment's)")
+    p.add_argument("--bound", choices=["paper", "discrete", "truncated"],
+                   help="evaluate under another bound (how [0, t_eps] is paid for, MATH.md §15); recorded beside "
+                        "the headline (default: the experiment's)")
     p.add_argument("--metrics", help="comma-separated sample-quality metrics, each with its floor: swd and mmd "
                                      "(floor: two halves of the split), fid and kid for images (floor: the split "
                                      "against the training images); recorded in eval.json's quality section")

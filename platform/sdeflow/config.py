@@ -95,6 +95,7 @@ TOP_LEVEL = {
     "seed": int,
     "device": Literal["auto", "cpu", "cuda"],
     "precision": Literal["fp32", "bf16"],
+    "bound": Literal["paper", "discrete", "truncated"],  # how the likelihood pays for [0, t_eps] (sdeflow.bounds)
     "ablations": list,
     "sweep": dict,
     "launcher": dict,  # where a sweep's variants run: sdeflow.launchers.read_launcher checks it
@@ -109,6 +110,7 @@ class Experiment:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    bound: str = "paper"
     components: dict[str, dict[str, Any]]
     train: TrainConfig = attrs.Factory(TrainConfig)
     eval: EvalConfig = attrs.Factory(EvalConfig)
@@ -129,7 +131,7 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "seed": self.seed, "device": self.device,
-                               "precision": self.precision}
+                               "precision": self.precision, "bound": self.bound}
         out.update({kind: _plain(spec) for kind, spec in self.components.items()})
         out.update({key: _plain(attrs.asdict(getattr(self, key))) for key in SECTIONS})
         if self.ablations:

@@ -4,11 +4,12 @@ denoising form (MATH.md §9)."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .bounds import PAPER
 from .compiling import differentiated_twice
 from .errors import InvalidArgument
 from .interfaces import SDE, TimeSampler, bcast, flat_sum, randn_like
@@ -75,6 +76,40 @@ def elbo_integrand(
     return value if create_graph else value.detach()
 
 
+def bound_of(model):
+    """The model's bound (MATH.md §15); a model without one has the paper's."""
+    return getattr(model, "bound", PAPER)
+
+
+def outside_bound(model, t: Tensor) -> Tensor | None:
+    """Draws of t below the bound's start (t_ε for ``discrete``), which count zero; None for the paper's
+    bound, which integrates to t = 0."""
+    start = bound_of(model).start_time(model.sde)
+    return None if start is None else t < start
+
+
+def in_bound(model, t: Tensor, values: Tensor) -> Tensor:
+    """``values`` per draw, zero where the draw lies below the bound's start."""
+    outside = outside_bound(model, t)
+    return values if outside is None else torch.where(outside, torch.zeros_like(values), values)
+
+
+def bound_time(model, t: Tensor) -> Tensor:
+    """t, or t raised to the bound's start: the network is never evaluated where a draw counts zero."""
+    start = bound_of(model).start_time(model.sde)
+    return t if start is None else t.clamp(min=start)
+
+
+def entered(model, x: Tensor, generator) -> tuple[Any, Tensor, Tensor | None]:
+    """(the model whose ELBO is taken, the point it is taken at, the head to add or None). A bound that
+    starts at a point at t_ε (``truncated``, MATH.md §15) has the ELBO of its :class:`~sdeflow.bounds.StartedModel`
+    at y_ε = m(t_ε) x plus its head; every other bound, the model's own at x (its head is added by the caller)."""
+    bound = bound_of(model)
+    if not bound.point_start:
+        return model, x, None
+    return bound.view(model), bound.start(model, x, generator), bound.head(model, x, generator)
+
+
 def elbo(
     model,
     x: Tensor,
@@ -85,12 +120,17 @@ def elbo(
     generator=None,
     create_graph: bool = False,
 ) -> Tensor:
-    """ELBO(x) = E log p_T(Y_T) − ∫₀ᵀ E[½‖a‖² + ∇·μ] dt, per example (MATH.md §5).
+    """ELBO(x) = E log p_T(Y_T) − ∫₀ᵀ E[½‖a‖² + ∇·μ] dt, per example (MATH.md §5); under a bound from t_ε
+    the integral starts there and the bound's head is added (MATH.md §15).
 
     Each of ``samples`` draws takes one t ~ q (the integrand divided by q(t)), one Y_t, one Y_T and
     one probe; the draws are averaged. All of them go through the network in a single batch.
     """
     check_probe(probe)
+    view, start, head = entered(model, x, generator)
+    if head is not None:
+        kwargs = {"probe": probe, "samples": samples, "generator": generator, "create_graph": create_graph}
+        return elbo(view, start, time_sampler, **kwargs) + head
     sde = model.sde
     B = x.shape[0]
     xs = x.repeat_interleave(samples, dim=0)
@@ -98,9 +138,9 @@ def elbo(
     t, q = t.to(x.dtype), q.to(x.dtype)
     y_t = sde.marginal_sample(xs, t, randn_like(xs, generator))
     y_T = sde.marginal_sample(xs, torch.full_like(t, sde.T), randn_like(xs, generator))
-    integrand = elbo_integrand(model, y_t, t, probe, generator=generator, create_graph=create_graph)
-    value = sde.prior_log_prob(y_T) - integrand / q
-    return value.reshape(B, samples).mean(dim=1)
+    integrand = elbo_integrand(model, y_t, bound_time(model, t), probe, generator=generator, create_graph=create_graph)
+    value = sde.prior_log_prob(y_T) - in_bound(model, t, integrand) / q
+    return value.reshape(B, samples).mean(dim=1) + bound_of(model).head(model, x, generator)
 
 
 # ------------------------------------------------------------------ the denoising form (MATH.md §9)
@@ -154,13 +194,17 @@ def dsm_elbo(
 ) -> Tensor:
     """ELBO(x) = E log p_T + ½ D log(σ²(T)/σ²(t_ε)) − ∫_{t_ε}^T E[r ℓ] − ∫_0^{t_ε} E[½‖a‖² + ∇·μ] (MATH.md §9).
 
-    Same bound as :func:`elbo`. Above t_ε a draw costs one network evaluation and a first-order gradient
+    Same bound as :func:`elbo` (and the same bound's head, MATH.md §15). Above t_ε a draw costs one network evaluation and a first-order gradient
     (no divergence, no probe); only the few draws below t_ε take the §5 integrand with a Hutchinson
     probe. Every draw goes through the network at once, the ones below t_ε at t_ε (a finite value that
     is then replaced), so a training step has one static shape. ``create_graph``: differentiable, for
     training (the ``elbo`` loss with ``form: denoising``).
     """
     check_probe(probe)
+    view, start, head = entered(model, x, generator)
+    if head is not None:
+        kwargs = {"probe": probe, "samples": samples, "generator": generator, "create_graph": create_graph}
+        return dsm_elbo(view, start, time_sampler, **kwargs) + head
     sde = model.sde
     require_linear_drift(sde)
     xs, t, q, eps, y = _draws(sde, x, time_sampler, samples, generator)
@@ -168,12 +212,16 @@ def dsm_elbo(
     low = t <= sde.t_eps
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
         integrand = dsm_integrand(model, y, t.clamp(min=sde.t_eps), eps)
-    if bool(low.any()):
-        below = elbo_integrand(model, y[low], t[low], probe, generator=generator, create_graph=create_graph)
-        integrand = integrand.masked_scatter(low, below.to(integrand.dtype))
+    outside = outside_bound(model, t)
+    divergence_form = low if outside is None else low & ~outside
+    if bool(divergence_form.any()):
+        below = elbo_integrand(model, y[divergence_form], t[divergence_form], probe, generator=generator,
+                               create_graph=create_graph)
+        integrand = integrand.masked_scatter(divergence_form, below.to(integrand.dtype))
+    integrand = in_bound(model, t, integrand)
     constant = denoising_constant(sde, x[0].numel()).to(x.dtype)
     value = prior + constant - integrand / q
-    return value.reshape(x.shape[0], samples).mean(dim=1)
+    return value.reshape(x.shape[0], samples).mean(dim=1) + bound_of(model).head(model, x, generator)
 
 
 class ELBOForms(NamedTuple):
@@ -205,17 +253,23 @@ def elbo_forms(
 ) -> ELBOForms:
     """Every draw's divergence and denoising integrands from one network evaluation and one VJP."""
     check_probe(probe)
+    view, start, head = entered(model, x, generator)
+    if head is not None:
+        forms = elbo_forms(view, start, time_sampler, probe=probe, samples=samples, generator=generator)
+        return forms._replace(prior=forms.prior + head.repeat_interleave(samples))
     sde = model.sde
     require_linear_drift(sde)
     xs, t, q, eps, y = _draws(sde, x, time_sampler, samples, generator)
     prior = prior_term(sde, xs, generator)
+    prior = prior + bound_of(model).head(model, xs, generator)
+    s = bound_time(model, t)
     with torch.enable_grad():
         y = y.detach().requires_grad_(True)
-        a = model.a(y, t)
-        mu = bcast(sde.g(t), y) * a - sde.f(y, t)
+        a = model.a(y, s)
+        mu = bcast(sde.g(s), y) * a - sde.f(y, s)
         div = divergence(mu, y, probe, generator=generator)
     a = a.detach()
-    divergence_integrand = 0.5 * flat_sum(a**2) + div
+    divergence_integrand = in_bound(model, t, 0.5 * flat_sum(a**2) + div)
     low = t <= sde.t_eps
     D = x[0].numel()
     c = 0.5 * sde.likelihood_weight(t) + sde.linear_drift(t)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .config import EvalConfig
-from .elbo import check_probe, dsm_elbo, elbo, elbo_forms, elbo_integrand
+from .elbo import bound_time, check_probe, dsm_elbo, elbo, elbo_forms, elbo_integrand, entered, in_bound
 from .errors import InvalidArgument
 from .interfaces import SDE, TimeSampler, randn_like
 from .time_proposals import (
@@ -84,6 +84,9 @@ class SDEELBO:
         """Fit what the settings ask for on a pilot pass (see the module docstring for the contract)."""
         if not self.needs_pilot:
             return
+        view, start, head = entered(model, z_pilot, generator)
+        if head is not None:  # fit on the model the estimate takes (a bound from a point at t_ε, MATH.md §15)
+            model, z_pilot = view, start
         sde = model.sde
         fitting = self.cfg.time_proposal == "fitted"
         # Pilot times from the likelihood density, spread evenly over log t, so every bin gets draws;
@@ -116,7 +119,8 @@ class SDEELBO:
         t, q = sampler.sample(model.sde, xs.shape[0], device=z.device, generator=generator)
         t = t.to(z.dtype)
         y = model.sde.marginal_sample(xs, t, randn_like(xs, generator))
-        return t, q, {"f": elbo_integrand(model, y, t, self.probe, generator=generator)}
+        f = elbo_integrand(model, y, bound_time(model, t), self.probe, generator=generator)
+        return t, q, {"f": in_bound(model, t, f)}
 
     def pilot_integrand(self, draws: PilotDraws) -> Tensor:
         return draws.parts["f"]

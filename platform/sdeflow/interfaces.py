@@ -198,7 +198,13 @@ class Parameterization(nn.Module, abc.ABC):
 
     Uses only the SDE's abstract interface. The network sees the SDE's clock τ ∈ [0, 1]
     (``SDE.network_time``: t / T unless the SDE has a better one) and scales it for its own embedding.
+
+    ``bounded_at_zero``: whether the ELBO integrand ½‖a‖² + ∇·μ stays bounded as t → 0 for a network that is
+    not exact there (MATH.md §13). A parameterization that divides by σ(t) declares False, and the paper's
+    bound (integrated to t = 0) is then refused at check; a bound from t_ε is finite for any (§15).
     """
+
+    bounded_at_zero: bool = True
 
     def __init__(self, network: nn.Module, sde: SDE):
         super().__init__()

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 from torchdiffeq._impl.odeint import SOLVERS  # the solver names odeint accepts
 
-from .elbo import check_probe, divergence, probe_vector
+from .elbo import bound_of, check_probe, divergence, probe_vector
 from .errors import InvalidArgument
 from .interfaces import bcast
 
@@ -71,9 +71,13 @@ class ODEEstimator:
         self.nfe: list[int] = []
 
     def __call__(self, model, z: Tensor, generator) -> Tensor:
-        logp, nfe = ode_log_likelihood(model, z, generator=generator, **self.kwargs)
+        """log p(z) by the ODE from ``t0``; under a bound from t_ε (MATH.md §15), E_q log p_ε(y_ε) + head, the
+        ODE started at t_ε from one draw y_ε ~ N(m z, σ² I)."""
+        bound = bound_of(model)
+        kwargs = {**self.kwargs, "t0": model.sde.t_eps} if bound.from_t_eps else self.kwargs
+        logp, nfe = ode_log_likelihood(model, bound.start(model, z, generator), generator=generator, **kwargs)
         self.nfe.append(nfe)
-        return logp
+        return logp + bound.head(model, z, generator)
 
 
 def ode_estimator(cfg) -> ODEEstimator:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .bounds import PAPER, Bound
 from .errors import require
 from .interfaces import SDE, Parameterization, bcast
 
@@ -16,12 +17,15 @@ class DiffusionModel(nn.Module):
     """Exposes the drift a, the score s, μ = g a − f, and μ_λ, σ_λ of the plug-in reverse SDEs.
 
     Losses, samplers and estimators take this object in; only the parameterization holds weights.
+    ``bound`` is how its likelihood pays for [0, t_ε] (:mod:`sdeflow.bounds`, MATH.md §15): the paper's
+    integral to t = 0, or a decoder at t_ε.
     """
 
-    def __init__(self, sde: SDE, parameterization: Parameterization):
+    def __init__(self, sde: SDE, parameterization: Parameterization, bound: Bound = PAPER):
         super().__init__()
         self.sde = sde
         self.parameterization = parameterization
+        self.bound = bound
 
     @property
     def network(self) -> nn.Module:

@@ -12,9 +12,10 @@ from typing import Any
 import attrs
 import torch
 
-from .build import Parts, build_data, build_model, build_space, check_experiment, require_lambda_sampler
+from .bounds import BOUND_NAMES
+from .build import Parts, build_bound, build_data, build_model, build_space, check_bound, check_experiment, require_lambda_sampler
 from .checkpoint import UnreadableCheckpoint
-from .config import Experiment, build_component, check_component, structure
+from .config import COMPONENT_DEFAULTS, Experiment, build_component, check_component, structure
 from .distributed import DistContext
 from .errors import ConfigError, InvalidArgument
 from .estimators import make_estimators
@@ -62,31 +63,41 @@ class Run:
 
     def evaluate(self, *, split: str = "test", max_examples: int | None = None, samples: int | None = None,
                  estimator: str | None = None, time_sampler: str | None = None,
-                 batch_size: int | None = None, dequantizer: str | dict[str, Any] | None = None) -> dict[str, Any]:
+                 batch_size: int | None = None, dequantizer: str | dict[str, Any] | None = None,
+                 bound: str | None = None) -> dict[str, Any]:
         """Every named estimator on ``split``: summaries, per-example values and the settings that
         (with the seed) fix the result. ``dequantizer`` (a name or a ``{name, **args}`` spec) evaluates
-        under another dequantizer than the experiment's; a variational one is then untrained."""
+        under another dequantizer than the experiment's; a variational one is then untrained. ``bound``
+        (paper, discrete, truncated) evaluates the trained model under another bound (MATH.md §15)."""
         cfg = self.exp.eval
         estimators = self.estimators(estimator or cfg.estimator, time_sampler, samples)
         batch_size = cfg.batch_size if batch_size is None else batch_size
         max_examples = max_examples if max_examples is not None else cfg.max_examples
-        space, spec = self.space(dequantizer)
+        space, spec, exp = self.space(dequantizer, bound)
         self.ema.eval()
-        results = evaluate(self.ema, self.data, estimators, batch_size=batch_size, seed=self.exp.seed,
-                           device=self.device, ctx=self.ctx, split=split, max_examples=max_examples,
-                           pilot_examples=cfg.pilot_examples, space=space)
+        own_bound = self.ema.bound
+        try:
+            self.ema.bound = build_bound(exp, self.data) if exp.bound != self.exp.bound else own_bound
+            results = evaluate(self.ema, self.data, estimators, batch_size=batch_size, seed=self.exp.seed,
+                               device=self.device, ctx=self.ctx, split=split, max_examples=max_examples,
+                               pilot_examples=cfg.pilot_examples, space=space)
+            bound_protocol = self.ema.bound.protocol()
+        finally:
+            self.ema.bound = own_bound
         # The headline is the experiment's own evaluation (its eval settings: examples, K, time sampler,
-        # batches, and its dequantizer); a result with other settings (--max-examples 200) is kept beside
-        # it, never in its place.
+        # batches, its dequantizer and bound); a result with other settings (--max-examples 200) is kept
+        # beside it, never in its place.
         own_dequantizer = spec == self.exp.components["dequantizer"]
         own = (max_examples == cfg.max_examples and batch_size == cfg.batch_size and own_dequantizer
+               and exp.bound == self.exp.bound
                and samples in (None, cfg.samples_per_example) and time_sampler in (None, cfg.time_sampler))
         for name, result in results.items():
             result["full"] = own
-            result["protocol"] = {"weights": "ema", **space.protocol(spec), "se": "std of per-example bpd / sqrt(n)"}
+            result["protocol"] = {"weights": "ema", **bound_protocol, **space.protocol(spec),
+                                  "se": "std of per-example bpd / sqrt(n)"}
             estimate = estimators.get(name)
             result["settings"] = {**getattr(estimate, "settings", {}), "batch_size": batch_size,
-                                  "max_examples": max_examples}
+                                  "max_examples": max_examples, "bound": exp.bound}
             if not own_dequantizer:
                 result["settings"]["dequantizer"] = spec
             if getattr(estimate, "nfe", None):  # ODE solves: report their cost
@@ -95,16 +106,25 @@ class Run:
                 result["fitted"] = estimate.fitted
         return results
 
-    def space(self, dequantizer: str | dict[str, Any] | None = None) -> tuple[ModelSpace, dict[str, Any]]:
-        """(the EMA's way from data to model space, the dequantizer's spec): the experiment's own, or the
-        one ``dequantizer`` names (checked like the experiment's section, built fresh)."""
+    def space(self, dequantizer: str | dict[str, Any] | None = None, bound: str | None = None
+              ) -> tuple[ModelSpace, dict[str, Any], Experiment]:
+        """(the EMA's way from data to model space, the dequantizer's spec, the experiment with both): the
+        experiment's own, or the one ``dequantizer`` and ``bound`` name (checked like the experiment's
+        sections, built fresh)."""
         own = self.exp.components["dequantizer"]
         spec = own if dequantizer is None else check_component(self.registry, "dequantizer", dequantizer,
                                                                 "--dequantizer")
-        if spec == own:
-            return self.ema_objective.space, own
-        exp = attrs.evolve(self.exp, components={**self.exp.components, "dequantizer": spec}, source="--dequantizer")
-        return build_space(exp, self.data, self.registry).to(self.device), spec
+        if bound is not None and bound not in BOUND_NAMES:
+            raise ConfigError(f"--bound: unknown bound {bound!r}; expected one of {', '.join(BOUND_NAMES)}")
+        bound = self.exp.bound if bound is None else bound
+        if spec == own and bound == self.exp.bound:
+            return self.ema_objective.space, own, self.exp
+        if bound != "paper" and dequantizer is None:
+            spec = COMPONENT_DEFAULTS["dequantizer"]  # the other bound pays for [0, t_eps] its own way
+        exp = attrs.evolve(self.exp, components={**self.exp.components, "dequantizer": spec}, bound=bound,
+                           source="--bound" if dequantizer is None else "--dequantizer")
+        check_bound(exp, self.registry)
+        return build_space(exp, self.data, self.ema.sde, self.registry).to(self.device), spec, exp
 
     def estimators(self, which: str, time_sampler: str | None = None, samples: int | None = None) -> dict:
         """The estimators named in ``which`` (comma-separated), each with its ``settings``."""
@@ -168,7 +188,8 @@ def build_run(exp: Experiment, run_dir: str | Path, *, registry: Registry | None
     data = build_data(exp, registry)
     torch.manual_seed(exp.seed)  # identical initial weights on every rank and every restart
     model = build_model(exp, parts.sde, data.shape, registry)
-    space = build_space(exp, data, registry)
+    model.bound = build_bound(exp, data)
+    space = build_space(exp, data, model.sde, registry)
     check_trainable(exp, {"sde": model.sde, "parameterization": model.parameterization, "network": model.network,
                           "loss": parts.loss, "time_sampler": parts.time_sampler, "dequantizer": space.dequantizer})
     objective = Objective(model, parts.loss, parts.time_sampler, space).to(device)

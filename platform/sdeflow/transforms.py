@@ -56,6 +56,45 @@ class UnitInterval(Identity):
         return {"transform": "none (z = x~)", "log_det": 0.0}
 
 
+class Affine(DataTransform):
+    """x̃ ∈ [0, 1]^D → z = 2x̃ − 1 ∈ [−1, 1]^D (VDM's data space): log|det| = D log 2; samples are clamped
+    back into the cube."""
+
+    def forward(self, x: Tensor, *, generator=None) -> tuple[Tensor, Tensor]:
+        return 2 * x - 1, x.new_full((x.shape[0],), x[0].numel() * math.log(2))
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return ((z + 1) / 2).clamp(0, 1)
+
+    def protocol(self) -> dict[str, Any]:
+        return {"transform": "affine (z = 2 x~ - 1)", "log_det": "included: D log 2"}
+
+
+def transform_slope(transform: DataTransform, x: Tensor) -> Tensor:
+    """dz/dx̃ of an elementwise transform at x̃ = ``x``, per element (by autograd, so any transform works)."""
+    with torch.enable_grad():
+        leaf = x.detach().double().requires_grad_(True)
+        z, _ = transform.forward(leaf)
+        (slope,) = torch.autograd.grad(z.sum(), leaf)
+    return slope.to(x.dtype)
+
+
+def truncated_normal_draw(shape, tau: Tensor | float, *, generator=None, device=None) -> Tensor:
+    """w ~ N(0, 1) truncated to [−τ, τ] (τ a scalar or per element), by inverting the CDF in float64."""
+    tau = torch.as_tensor(tau, dtype=torch.float64, device=device)
+    r = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    low = torch.special.ndtr(-tau)
+    return torch.maximum(torch.minimum(torch.special.ndtri(low + r * (1 - 2 * low)), tau), -tau)
+
+
+def truncated_normal_log_q(w: Tensor, tau: Tensor | float) -> Tensor:
+    """log q(u) of u = ½ + w/(2τ), w ~ N(0, 1) on [−τ, τ], summed per example (MATH.md §14):
+    Σ_d [−w_d²/2 − ½ log 2π + log 2τ_d − log Z_d], Z = Φ(τ) − Φ(−τ)."""
+    tau = torch.as_tensor(tau, dtype=w.dtype, device=w.device)
+    per_dim = -0.5 * w**2 - 0.5 * math.log(2 * math.pi) + torch.log(2 * tau) - torch.log(torch.erf(tau / math.sqrt(2)))
+    return flat_sum(per_dim.expand_as(w))
+
+
 def into_bins(x: Tensor, u: Tensor, levels: int) -> Tensor:
     """x̃ = (x (L−1) + u)/L: u ∈ [0, 1]^D places x ∈ {0..L−1}/(L−1) inside its bin of width 1/L (MATH.md §14)."""
     return (x * (levels - 1) + u) / levels

@@ -27,7 +27,7 @@ from sdeflow.checkpoint import derive_seed
 from sdeflow.errors import DataError, require
 from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import DataBundle
-from sdeflow.transforms import Identity, Logit, UnitInterval
+from sdeflow.transforms import Affine, Identity, Logit, UnitInterval
 
 MNIST_FILES = tuple(
     f"MNIST/raw/{split}-{part}-ubyte"
@@ -307,8 +307,12 @@ def _hold_out(name: str, train, n_val: int, split_seed: int, unaugmented: Callab
     return Subset(train, train_indices), Subset(val_source, val_indices)
 
 
-def image_transform(logit_alpha: float | None) -> Logit | UnitInterval:
-    """What follows dequantization: the logit with ``logit_alpha``, or nothing when it is null."""
+def image_transform(logit_alpha: float | None, affine: bool = False) -> Logit | UnitInterval | Affine:
+    """What follows dequantization: the logit with ``logit_alpha``, or nothing when it is null; with
+    ``affine``, VDM's z = 2x̃ − 1 instead (``logit_alpha`` must then be null)."""
+    if affine:
+        require(logit_alpha is None, "affine", "replaces the logit: set logit_alpha: null with affine: true")
+        return Affine()
     return UnitInterval() if logit_alpha is None else Logit(logit_alpha)
 
 
@@ -318,15 +322,16 @@ def mnist(
     logit_alpha: float | None = 0.05,
     n_val: int = 5000,
     split_seed: int = 0,
+    affine: bool = False,
 ) -> DataBundle:
     """MNIST (torchvision): 1×28×28 images of 256 levels; the model sees logit(α + (1 − 2α)x̃) of the
-    dequantized x̃, or x̃ itself when α is null.
+    dequantized x̃, x̃ itself when α is null, or 2x̃ − 1 with ``affine`` (VDM's space; α null).
 
     ``n_val`` of the 60,000 training images, chosen by ``split_seed``, are held out as val (0: none).
     """
     from torchvision import datasets, transforms
 
-    transform = image_transform(logit_alpha)  # validates α before any disk or network access
+    transform = image_transform(logit_alpha, affine)  # validates α before any disk or network access
     _check_n_val(n_val)
     root = os.path.expanduser(root)
     _ensure_present("MNIST", root, MNIST_FILES, download, partial(datasets.MNIST, root, download=True))
@@ -348,14 +353,16 @@ def cifar10(
     hflip: bool = True,
     n_val: int = 5000,
     split_seed: int = 0,
+    affine: bool = False,
 ) -> DataBundle:
-    """CIFAR-10 (torchvision): 3×32×32 images; random horizontal flips on the train split only.
+    """CIFAR-10 (torchvision): 3×32×32 images; random horizontal flips on the train split only. The model
+    space is MNIST's (``logit_alpha``, ``affine``).
 
     ``n_val`` of the 50,000 training images, chosen by ``split_seed``, are held out as val (0: none).
     """
     from torchvision import datasets, transforms
 
-    transform = image_transform(logit_alpha)
+    transform = image_transform(logit_alpha, affine)
     _check_n_val(n_val)
     root = os.path.expanduser(root)
     _ensure_present("CIFAR-10", root, CIFAR10_FILES, download, partial(datasets.CIFAR10, root, download=True))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from sdeflow.errors import require
 from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import Dequantizer, flat_sum
+from sdeflow.transforms import truncated_normal_draw, truncated_normal_log_q
 
 
 def inside_unit_bin(u: Tensor) -> Tensor:
@@ -56,16 +57,12 @@ class TruncatedNormal(Dequantizer):
     def __init__(self, data_shape: tuple[int, ...] | None = None, tau: float = 3.0):
         require(tau > 0, "tau", f"must be positive (the bin's half-width in standard deviations), got {tau}")
         self.tau = float(tau)
-        self.log_z = math.log(math.erf(self.tau / math.sqrt(2)))
 
     def _log_q(self, w: Tensor) -> Tensor:
-        per_dim = -0.5 * w**2 - 0.5 * math.log(2 * math.pi) + math.log(2 * self.tau) - self.log_z
-        return flat_sum(per_dim)
+        return truncated_normal_log_q(w, self.tau)
 
     def sample(self, x: Tensor, levels: int, *, generator=None) -> tuple[Tensor, Tensor]:
-        r = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
-        low = torch.special.ndtr(torch.tensor(-self.tau, dtype=torch.float64))
-        w = torch.special.ndtri(low + r * (1 - 2 * low)).clamp(-self.tau, self.tau)
+        w = truncated_normal_draw(x.shape, self.tau, generator=generator, device=x.device)
         return (0.5 + w / (2 * self.tau)).to(x.dtype), self._log_q(w).to(x.dtype)
 
     def log_prob(self, u: Tensor, x: Tensor, levels: int) -> Tensor:

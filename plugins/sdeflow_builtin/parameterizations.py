@@ -29,7 +29,10 @@ class Score(Parameterization):
 
 
 class Noise(Parameterization):
-    """DDPM's ε-prediction: ε̂ = n(y, t), s = −ε̂ / σ(t), a = −g ε̂ / σ(t)."""
+    """DDPM's ε-prediction: ε̂ = n(y, t), s = −ε̂ / σ(t), a = −g ε̂ / σ(t). Any error in ε̂ is divided by σ → 0,
+    so the ELBO integrand is unbounded as t → 0 (MATH.md §13): it needs a bound from t_ε (§15)."""
+
+    bounded_at_zero = False
 
     def noise(self, y: Tensor, t: Tensor) -> Tensor:
         return self.net(y, t)
@@ -44,7 +47,9 @@ class Noise(Parameterization):
 class Velocity(Parameterization):
     """v-prediction (Salimans & Ho 2022): v̂ = n(y, t) for v = m ε − σ x, y = m x + σ ε. The pair (y, v) is
     (x, ε) rotated and scaled by m² + σ² (1 for VP), so ε̂ = (σ y + m v̂)/(m² + σ²), x̂ = (m y − σ v̂)/(m² + σ²),
-    s = −ε̂/σ and a = g s (MATH.md §2)."""
+    s = −ε̂/σ and a = g s (MATH.md §2). Like ``noise``, unbounded as t → 0 (MATH.md §13)."""
+
+    bounded_at_zero = False
 
     def velocity(self, y: Tensor, t: Tensor) -> Tensor:
         return self.net(y, t)
