@@ -22,7 +22,7 @@ from sdeflow.preemption import EXIT_PREEMPTED
 pytest.importorskip("submitit", reason="the local and slurm launchers need submitit: pip install -e '.[test]'")
 
 FOUR = [{"name": "score", "set": {"parameterization.name": "score"}},
-        {"name": "noise", "set": {"parameterization.name": "noise"}},
+        {"name": "noise", "set": {"parameterization.name": "noise", "bound": "truncated"}},
         {"name": "debiased", "set": {"time_sampler.name": "debiased", "loss.weighting": "likelihood"}}]
 """With base: four variants."""
 

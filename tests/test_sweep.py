@@ -168,7 +168,7 @@ def test_a_sweep_folder_without_a_base_needs_an_explicit_baseline(finished_sweep
 
 def test_summary_rows_follow_the_experiments_order(tmp_path):
     ablations = [{"name": "zeta", "set": {"parameterization.name": "score"}},
-                 {"name": "alpha", "set": {"parameterization.name": "noise"}}]
+                 {"name": "alpha", "set": {"parameterization.name": "noise", "bound": "truncated"}}]
     runs = run_sweep(write_experiment(tmp_path, tiny_config(ablations=ablations)), tmp_path / "runs")
     assert [r["variant"] for r in write_summary(runs)] == ["base", "zeta", "alpha"]
 

@@ -190,8 +190,9 @@ class Run:
     # ------------------------------------------------------------------ likelihood of a batch
 
     def elbo(self, x: Tensor, *, estimator: str = "elbo", samples: int | None = None, seed: int = 0) -> Tensor:
-        """Per-example lower bound on log p(x) in nats, for a batch ``x`` in data space (the data set's
-        transform, dequantization included, applied as in evaluation; MATH.md §5, §9)."""
+        """Per-example lower bound on log P(x) of the data in nats (bpd·D·ln 2 with the sign turned), for a batch
+        ``x`` in data space (the data set's transform, dequantization and bin offset included, as in
+        evaluation; MATH.md §5, §9, §15)."""
         return -self._per_example(x, estimator, samples, seed)["nats"]
 
     def bpd(self, x: Tensor, *, estimator: str = "elbo", samples: int | None = None, seed: int = 0) -> Tensor:

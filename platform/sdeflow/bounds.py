@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .errors import SdeflowError
-from .interfaces import SDE, DataTransform, Dequantizer, TabulatedTimeDensity, derived, flat_sum, randn_like
+from .interfaces import (SDE, DataTransform, Dequantizer, TabulatedTimeDensity, bcast, derived, flat_sum,
+                         randn_like)
 from .transforms import ModelSpace, transform_slope, truncated_normal_draw, truncated_normal_log_q
 
 BOUND_NAMES = ("paper", "discrete", "truncated")
@@ -34,9 +35,10 @@ LEVEL_CHUNK = 1 << 22
 
 
 def at_t_eps(sde: SDE, like: Tensor) -> tuple[Tensor, Tensor]:
-    """(m(t_ε), σ(t_ε)) as 0-dim tensors of ``like``'s dtype and device (differentiable in a trainable SDE)."""
-    t = torch.full((1,), sde.t_eps, dtype=like.dtype, device=like.device)
-    return sde.m(t)[0], sde.sigma(t)[0]
+    """(m(t_ε), σ(t_ε)) per example of ``like`` (B, ...), shaped to broadcast against it, in its dtype and
+    device (differentiable in a trainable SDE, one time per example)."""
+    t = torch.full((like.shape[0],), sde.t_eps, dtype=like.dtype, device=like.device)
+    return bcast(sde.m(t), like), bcast(sde.sigma(t), like)
 
 
 class Bound:
@@ -89,17 +91,17 @@ class Discrete(Bound):
         m, sigma = at_t_eps(model.sde, z)
         eps = randn_like(z, generator)
         y = m * z + sigma * eps
-        D = z[0].numel()
-        entropy = 0.5 * D * (math.log(2 * math.pi * math.e) + 2 * torch.log(sigma))
+        entropy = flat_sum(0.5 * math.log(2 * math.pi * math.e) + torch.log(sigma).expand_as(z))
         return flat_sum(-0.5 * eps**2) - self.log_normaliser(y, m, sigma) + entropy
 
     def log_normaliser(self, y: Tensor, m: Tensor, sigma: Tensor) -> Tensor:
         """Σ_d logsumexp_k −(y_d − m v_k)²/(2σ²) per example, in chunks of the (elements × levels) table."""
         values = self.values.to(device=y.device, dtype=y.dtype)
         flat = y.reshape(-1)
+        m_flat, sigma_flat = m.expand_as(y).reshape(-1), sigma.expand_as(y).reshape(-1)
         step = max(1, LEVEL_CHUNK // len(values))
-        parts = [torch.logsumexp(-((piece[:, None] - m * values) ** 2) / (2 * sigma**2), dim=1)
-                 for piece in flat.split(step)]
+        parts = [torch.logsumexp(-((piece[:, None] - mm[:, None] * values) ** 2) / (2 * ss[:, None] ** 2), dim=1)
+                 for piece, mm, ss in zip(flat.split(step), m_flat.split(step), sigma_flat.split(step))]
         return torch.cat(parts).reshape(y.shape[0], -1).sum(dim=1)
 
     def start(self, model, z: Tensor, generator=None) -> Tensor:
@@ -127,7 +129,7 @@ class Truncated(Bound):
 
     def head(self, model, z: Tensor, generator=None) -> Tensor:
         m, _ = at_t_eps(model.sde, z)
-        return (z[0].numel() * torch.log(m)).expand(z.shape[0])
+        return flat_sum(torch.log(m).expand_as(z))
 
     def start(self, model, z: Tensor, generator=None) -> Tensor:
         m, _ = at_t_eps(model.sde, z)
@@ -163,8 +165,9 @@ class StartedSDE(SDE):
         self.T, self.t_eps = base.T, min(2 * s, 0.5 * (s + base.T))
 
     def _at_s(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        s = torch.full((1,), self.s, dtype=torch.float64, device=t.device)
-        return self.base.m(s).to(t.dtype), self.base.sigma(s).to(t.dtype)
+        """(m(s), σ(s)) shaped like t: one time per time, so each belongs to the same example as t does."""
+        s = torch.full_like(t, self.s)
+        return self.base.m(s), self.base.sigma(s)
 
     def f(self, y, t):
         return self.base.f(y, t)
@@ -177,10 +180,10 @@ class StartedSDE(SDE):
         return self.base.m(t) / m_s
 
     def sigma(self, t):
-        m_s, sigma_s = self._at_s(t)
+        m_s, sigma_s = self._at_s(t.double())
         t64 = t.double()
-        var = self.base.sigma(t64) ** 2 - (self.base.m(t64) / m_s.double() * sigma_s.double()) ** 2
-        return var.clamp(min=0).sqrt().to(t.dtype)
+        var = self.base.sigma(t64) ** 2 - (self.base.m(t64) / m_s * sigma_s) ** 2
+        return var.clamp(min=1e-300).sqrt().to(t.dtype)  # no infinite gradient where σ_{t|s} = 0
 
     def linear_drift(self, t):
         return self.base.linear_drift(t)

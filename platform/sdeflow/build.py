@@ -10,7 +10,7 @@ from .checkpoint import derive_seed
 from .config import COMPONENT_DEFAULTS, Experiment, build_component
 from .elbo import require_linear_drift
 from .errors import ConfigError, InvalidArgument
-from .estimators import parse_estimators
+from .estimators import needs_linear_drift, parse_estimators
 from .interfaces import SDE, DataBundle, Loss, Sampler, TimeSampler
 from .likelihood import check_method
 from .model import DiffusionModel
@@ -95,9 +95,9 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: loss.{e.argument}: {e.message} (sde: {exp.describe('sde')})") from None
     try:
-        parse_metrics(exp.eval.metrics)
-        names = parse_estimators(exp.eval.estimator)
-        if set(names) & {"dsm_elbo", "combined_elbo"}:
+        parse_metrics(exp.eval.metrics, registry)
+        names = parse_estimators(exp.eval.estimator, registry)
+        if any(needs_linear_drift(name, registry) for name in names):
             require_linear_drift(parts.sde)
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: eval.{e.argument}: {e.message}") from None

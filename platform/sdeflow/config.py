@@ -292,7 +292,7 @@ def build_component(registry: Registry, exp: Experiment, kind: str, **injected: 
 def plugin_versions(registry: Registry, exp: Experiment) -> dict[str, dict[str, Any]]:
     """Which plugin (and distribution version) supplied each component of the experiment."""
     out = {}
-    for kind in hookspecs.KINDS:
+    for kind in exp.components:
         c = registry.get(kind, exp.components[kind]["name"])
         out[kind] = {"name": c.name, "plugin": c.plugin.name, "distribution": c.plugin.distribution,
                      "version": c.plugin.version}

@@ -12,7 +12,7 @@ from torch import Tensor
 from .bounds import PAPER
 from .compiling import differentiated_twice
 from .errors import InvalidArgument
-from .interfaces import SDE, TimeSampler, bcast, flat_sum, randn_like
+from .interfaces import SDE, SHARED, TimeSampler, bcast, draws_of, flat_sum, randn_like
 
 PROBES = ("rademacher", "gaussian", "exact")
 
@@ -134,23 +134,47 @@ def elbo(
     sde = model.sde
     B = x.shape[0]
     xs = x.repeat_interleave(samples, dim=0)
-    t, q = time_sampler.sample(sde, xs.shape[0], device=x.device, generator=generator)
-    t, q = t.to(x.dtype), q.to(x.dtype)
-    y_t = sde.marginal_sample(xs, t, randn_like(xs, generator))
-    y_T = sde.marginal_sample(xs, torch.full_like(t, sde.T), randn_like(xs, generator))
-    integrand = elbo_integrand(model, y_t, bound_time(model, t), probe, generator=generator, create_graph=create_graph)
-    value = sde.prior_log_prob(y_T) - in_bound(model, t, integrand) / q
+    with draws_of(example_of_draw(B, samples, x.device)):
+        t, q = time_sampler.sample(sde, xs.shape[0], device=x.device, generator=generator)
+        t, q = t.to(x.dtype), q.to(x.dtype)
+        y_t = sde.marginal_sample(xs, t, randn_like(xs, generator))
+        y_T = sde.marginal_sample(xs, torch.full_like(t, sde.T), randn_like(xs, generator))
+        integrand = elbo_integrand(model, y_t, bound_time(model, t), probe, generator=generator,
+                                   create_graph=create_graph)
+        value = sde.prior_log_prob(y_T) - in_bound(model, t, integrand) / q
     return value.reshape(B, samples).mean(dim=1) + bound_of(model).head(model, x, generator)
 
 
 # ------------------------------------------------------------------ the denoising form (MATH.md §9)
 
 
+def example_of_draw(B: int, samples: int, device) -> Tensor:
+    """The example each of B·samples draws belongs to (example-major), for :func:`draws_of`."""
+    return torch.arange(B * samples, device=device) // samples
+
+
 def require_linear_drift(sde: SDE, argument: str = "estimator") -> None:
-    """The denoising form holds only for f = κ(t) y, which an SDE declares through ``linear_drift``."""
-    if sde.linear_drift(torch.full((1,), sde.T, dtype=torch.float64)) is None:
+    """The denoising form holds only for f = κ(t) y: κ is the SDE's ``linear_drift`` (declared, or derived
+    from m by default), checked against f at a few times and points; an SDE whose drift is not affine (or
+    that says so with None) is refused."""
+    if sde.__dict__.get("_drift_checked_affine"):
+        return
+    t = torch.tensor([sde.t_eps, 0.1 * sde.T, 0.5 * sde.T, sde.T], dtype=torch.float64)
+    with torch.no_grad():
+        kappa = sde.linear_drift(t)
+    if kappa is None:
         raise InvalidArgument(argument, f"the denoising form of the ELBO (MATH.md §9) needs an SDE with "
                               f"linear drift f = κ(t) y; {type(sde).__name__} declares none (SDE.linear_drift)")
+    y = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        f = sde.f(y, t).double()
+        expected = bcast(kappa.double(), y) * y
+    error = float((f - expected).abs().max() / (expected.abs().max() + f.abs().max() + 1e-12))
+    if not error < 1e-4:
+        raise InvalidArgument(argument, f"the denoising form of the ELBO (MATH.md §9) needs an SDE with linear "
+                              f"drift f = κ(t) y; {type(sde).__name__}'s f(y, t) differs from κ(t) y = (d log m/dt) y "
+                              f"by {error:.1e} (relative): its drift is not affine in y")
+    sde.__dict__["_drift_checked_affine"] = True  # a property of the class of drift, not of parameter values
 
 
 def prior_term(sde: SDE, x: Tensor, generator=None) -> Tensor:
@@ -207,19 +231,23 @@ def dsm_elbo(
         return dsm_elbo(view, start, time_sampler, **kwargs) + head
     sde = model.sde
     require_linear_drift(sde)
-    xs, t, q, eps, y = _draws(sde, x, time_sampler, samples, generator)
-    prior = prior_term(sde, xs, generator)
-    low = t <= sde.t_eps
-    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-        integrand = dsm_integrand(model, y, t.clamp(min=sde.t_eps), eps)
+    draws = example_of_draw(x.shape[0], samples, x.device)
+    with draws_of(draws):
+        xs, t, q, eps, y = _draws(sde, x, time_sampler, samples, generator)
+        prior = prior_term(sde, xs, generator)
+        low = t <= sde.t_eps
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            integrand = dsm_integrand(model, y, t.clamp(min=sde.t_eps), eps)
     outside = outside_bound(model, t)
     divergence_form = low if outside is None else low & ~outside
     if bool(divergence_form.any()):
-        below = elbo_integrand(model, y[divergence_form], t[divergence_form], probe, generator=generator,
-                               create_graph=create_graph)
+        with draws_of(draws[divergence_form]):
+            below = elbo_integrand(model, y[divergence_form], t[divergence_form], probe, generator=generator,
+                                   create_graph=create_graph)
         integrand = integrand.masked_scatter(divergence_form, below.to(integrand.dtype))
     integrand = in_bound(model, t, integrand)
-    constant = denoising_constant(sde, x[0].numel()).to(x.dtype)
+    with draws_of(SHARED):
+        constant = denoising_constant(sde, x[0].numel()).to(x.dtype)
     value = prior + constant - integrand / q
     return value.reshape(x.shape[0], samples).mean(dim=1) + bound_of(model).head(model, x, generator)
 

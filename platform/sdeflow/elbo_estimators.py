@@ -47,8 +47,11 @@ class SDEELBO:
 
     name = "elbo"
     fits_weights = False
+    requires_linear_drift = False
 
-    def __init__(self, cfg: EvalConfig, time_sampler: TimeSampler, samples: int, sampler_name: str):
+    def __init__(self, config: EvalConfig, time_sampler: TimeSampler, samples: int, time_sampler_name: str):
+        """Built by the registry with the experiment's eval settings, its time sampler and K."""
+        cfg, sampler_name = config, time_sampler_name
         check_probe(cfg.probe)
         if samples < 1:
             raise InvalidArgument("samples_per_example", f"must be at least 1, got {samples}")
@@ -153,6 +156,7 @@ class DenoisingELBO(SDEELBO):
     """``dsm_elbo``: MATH.md §9 through :func:`sdeflow.elbo.dsm_elbo`; exact prior term and constant."""
 
     name = "dsm_elbo"
+    requires_linear_drift = True
 
     def __call__(self, model, z: Tensor, generator: torch.Generator) -> Tensor:
         return dsm_elbo(model, z, self.time_sampler(), probe=self.probe, samples=self.samples, generator=generator)
@@ -176,10 +180,12 @@ class CombinedELBO(SDEELBO):
     """
 
     name = "combined_elbo"
+    requires_linear_drift = True
 
-    def __init__(self, cfg: EvalConfig, time_sampler: TimeSampler, samples: int, sampler_name: str):
+    def __init__(self, config: EvalConfig, time_sampler: TimeSampler, samples: int, time_sampler_name: str):
+        cfg = config
         self.fits_weights = cfg.combined_weight is None
-        super().__init__(cfg, time_sampler, samples, sampler_name)
+        super().__init__(cfg, time_sampler, samples, time_sampler_name)
         fixed = 0.5 if cfg.combined_weight is None else 1.0 - cfg.combined_weight
         self.edges: Tensor | None = None
         self.beta = torch.full((1,), fixed, dtype=torch.float64)
@@ -253,7 +259,5 @@ def _centre(values: Tensor, example: Tensor, weight: Tensor) -> Tensor:
     sums = torch.zeros(n, values.shape[1], dtype=torch.float64).index_add_(0, example, weight[:, None] * values)
     return values - (sums / total.clamp(min=1e-300)[:, None])[example]
 
-
-ELBO_CLASSES = {"elbo": HutchinsonELBO, "dsm_elbo": DenoisingELBO, "combined_elbo": CombinedELBO}
 
 

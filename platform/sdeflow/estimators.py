@@ -38,12 +38,14 @@ from torch import Tensor
 from .checkpoint import derive_seed
 from .config import EvalConfig
 from .elbo import require_linear_drift
-from .elbo_estimators import ELBO_CLASSES
-from .errors import InvalidArgument, did_you_mean
+from .errors import ConfigError, InvalidArgument, did_you_mean
 from .interfaces import SDE, TimeSampler
 from .likelihood import ode_estimator
+from .registry import Registry, default_registry
 
-ESTIMATOR_NAMES = ("elbo", "dsm_elbo", "combined_elbo", "ode")
+BUILTIN_ESTIMATORS = ("elbo", "dsm_elbo", "combined_elbo", "ode")
+"""The built-in plugin's estimators (sdeflow_builtin.estimators registers them like any plugin's)."""
+ESTIMATOR_NAMES = BUILTIN_ESTIMATORS  # kept for one release: the names are the registry's now
 ALIASES = {"both": ("elbo", "ode")}
 
 
@@ -53,16 +55,29 @@ class Estimator(Protocol):
     def __call__(self, model, z: Tensor, generator: torch.Generator) -> Tensor: ...
 
 
-def parse_estimators(text: str) -> list[str]:
-    """``"elbo,ode"`` → ["elbo", "ode"]: ``both`` means elbo,ode; duplicates dropped, order kept."""
+def parse_estimators(text: str, registry: Registry | None = None) -> list[str]:
+    """``"elbo,ode"`` → ["elbo", "ode"]: names of registered estimators (``both`` means elbo,ode);
+    duplicates dropped, order kept."""
+    registry = registry or default_registry()
+    known = registry.names("estimator")
     names: list[str] = []
     for word in (w.strip() for w in str(text).split(",")):
-        if word not in ESTIMATOR_NAMES and word not in ALIASES:
-            accepted = ", ".join((*ESTIMATOR_NAMES, *ALIASES))
-            raise InvalidArgument("estimator", f"unknown estimator {word!r}; expected a comma-separated list "
-                                  f"of {accepted}{did_you_mean(word, (*ESTIMATOR_NAMES, *ALIASES))}")
+        if word not in ALIASES:
+            try:
+                registry.get("estimator", word)
+            except ConfigError:
+                accepted = ", ".join((*known, *ALIASES))
+                raise InvalidArgument("estimator", f"unknown estimator {word!r}; expected a comma-separated list "
+                                      f"of {accepted}{did_you_mean(word, (*known, *ALIASES))}") from None
         names += [n for n in ALIASES.get(word, (word,)) if n not in names]
     return names
+
+
+def needs_linear_drift(name: str, registry: Registry | None = None) -> bool:
+    """Whether estimator ``name`` takes the ELBO's denoising form (its factory declares
+    ``requires_linear_drift``), so an SDE whose drift is not affine is refused up front."""
+    factory = (registry or default_registry()).get("estimator", name).factory
+    return bool(getattr(factory, "requires_linear_drift", False))
 
 
 def pilot_generator(device: torch.device, seed: int, name: str) -> torch.Generator:
@@ -72,22 +87,22 @@ def pilot_generator(device: torch.device, seed: int, name: str) -> torch.Generat
 
 def make_estimators(
     names: list[str] | str, cfg: EvalConfig, time_sampler: TimeSampler, *, samples: int | None = None,
-    time_sampler_name: str | None = None, sde: SDE | None = None,
+    time_sampler_name: str | None = None, sde: SDE | None = None, registry: Registry | None = None,
 ) -> dict[str, Estimator]:
-    """The named estimators with ``cfg``'s settings; ``samples`` overrides ``cfg.samples_per_example`` and
-    ``time_sampler_name`` names ``time_sampler`` in the settings (default ``cfg.time_sampler``). With
-    ``sde``, an SDE the denoising form cannot use is rejected now rather than at the first batch."""
-    names = parse_estimators(names) if isinstance(names, str) else parse_estimators(",".join(names))
+    """The named estimators (registered under the ``estimator`` kind) with ``cfg``'s settings; ``samples``
+    overrides ``cfg.samples_per_example`` and ``time_sampler_name`` names ``time_sampler`` in the settings
+    (default ``cfg.time_sampler``). With ``sde``, an SDE the denoising form cannot use is rejected now
+    rather than at the first batch."""
+    registry = registry or default_registry()
+    names = parse_estimators(names if isinstance(names, str) else ",".join(names), registry)
     k = cfg.samples_per_example if samples is None else samples
     name = cfg.time_sampler if time_sampler_name is None else time_sampler_name
     out: dict[str, Estimator] = {}
     for est in names:
-        if est == "ode":
-            out[est] = ODE(cfg)
-            continue
-        if sde is not None and est != "elbo":
+        if sde is not None and needs_linear_drift(est, registry):
             require_linear_drift(sde)
-        out[est] = ELBO_CLASSES[est](cfg, time_sampler, k, name)
+        out[est] = registry.get("estimator", est).factory(config=cfg, time_sampler=time_sampler, samples=k,
+                                                         time_sampler_name=name)
     return out
 
 
@@ -100,8 +115,10 @@ class ODE:
     name = "ode"
     fitted = None
 
-    def __init__(self, cfg: EvalConfig):
-        self.inner = ode_estimator(cfg)
+    def __init__(self, config: EvalConfig, time_sampler: TimeSampler | None = None, samples: int | None = None,
+                 time_sampler_name: str | None = None):
+        """The ODE takes no time sampler; K (``samples``) is not used by it."""
+        self.inner = ode_estimator(config)
         self.settings = {"estimator": "ode", **self.inner.kwargs}
 
     @property
@@ -123,5 +140,5 @@ def prepare_all(estimators: dict[str, Estimator], model, z_pilot: Tensor, *, see
             prepare(model, z_pilot, pilot_generator(z_pilot.device, seed, name))
 
 
-__all__ = ["ESTIMATOR_NAMES", "Estimator", "make_estimators", "parse_estimators", "pilot_generator",
-           "prepare_all"]
+__all__ = ["BUILTIN_ESTIMATORS", "ODE", "Estimator", "make_estimators", "needs_linear_drift", "parse_estimators",
+           "pilot_generator", "prepare_all"]

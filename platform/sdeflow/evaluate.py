@@ -22,6 +22,8 @@ from .distributed import DistContext
 from .errors import SdeflowError
 from .estimators import make_estimators, prepare_all
 from .interfaces import DataBundle, TimeSampler
+from .tails import tail_diagnostic
+from .tails import warning as tail_warning
 from .transforms import ModelSpace, bits_per_dim, mean_and_se
 
 Estimator = Callable[[Any, Tensor, torch.Generator], Tensor]
@@ -41,17 +43,22 @@ def elbo_estimator(cfg: EvalConfig, time_sampler: TimeSampler, samples: int | No
 
 def summarize(nll_nats: Tensor, log_det: Tensor | None, dim: int, bits_offset: float,
               index: Tensor | None = None, log_q: Tensor | None = None) -> dict[str, Any]:
-    """bpd, its s.e., and the negative log-likelihood in nats per example, from per-example values of
-    −log p(z), log|det ∂z/∂x̃| and log q(u | x) (None: 0); ``examples`` holds the per-example values
-    themselves (index in the split, nats = −log p(x̃) + log q(u | x), bpd)."""
+    """bpd, its s.e., and the negative log-likelihood of the data in nats, from per-example values of
+    −log p(z), log|det ∂z/∂x̃| and log q(u | x) (None: 0). ``nats`` is the same number as the bpd, bpd·D·ln 2
+    (−log P(x) for discrete data, bin offset included; −log p(x) for continuous data); ``model_nats`` is
+    −log p(z) in the model's own space (before the Jacobian, the dequantizer and the bin offset), labelled
+    so it is not read as the data's. ``examples`` holds the per-example values (index in the split, nats of
+    the data, bpd)."""
     log_det = torch.zeros_like(nll_nats) if log_det is None else log_det
     log_q = torch.zeros_like(nll_nats) if log_q is None else log_q
     bpd = bits_per_dim(-nll_nats, log_det, dim, bits_offset, log_q)
     bpd_mean, bpd_se = mean_and_se(bpd)
-    nats_x = nll_nats - log_det + log_q
+    nats_x = bpd * (dim * math.log(2))
     nats, nats_se = mean_and_se(nats_x)
+    model_nats, model_nats_se = mean_and_se(nll_nats)
     index = torch.arange(bpd.numel()) if index is None else index
-    return {"bpd": bpd_mean, "bpd_se": bpd_se, "nats": nats, "nats_se": nats_se, "n": int(bpd.numel()),
+    return {"bpd": bpd_mean, "bpd_se": bpd_se, "nats": nats, "nats_se": nats_se, "model_nats": model_nats,
+            "model_nats_se": model_nats_se, "n": int(bpd.numel()), "tail": tail_diagnostic(bpd),
             "examples": {"index": index.cpu(), "nats": nats_x.cpu(), "bpd": bpd.cpu()}}
 
 
@@ -194,8 +201,12 @@ def format_results(results: dict[str, dict[str, float]], kind: str) -> str:
         if not isinstance(r, dict) or "bpd" not in r:
             continue
         unit = "bpd" if kind == "image" else "bits/dim"
-        line = f"{name:>6}: {r['bpd']:.4f} ± {r['bpd_se']:.4f} {unit}   NLL {r['nats']:.4f} ± {r['nats_se']:.4f} nats"
+        line = (f"{name:>6}: {r['bpd']:.4f} ± {r['bpd_se']:.4f} {unit}   NLL {r['nats']:.4f} ± {r['nats_se']:.4f} "
+                "nats of the data")
         cost = f", {r['seconds']:.1f} s" if "seconds" in r else ""
         nfe = f", {r['nfe']:.0f} NFE/batch" if "nfe" in r else ""
         lines.append(line + f"   (n={r['n']}{cost}{nfe})")
+        warn = tail_warning(name, r.get("split", "the split"), r)
+        if warn:
+            lines.append(warn)
     return "\n".join(lines)

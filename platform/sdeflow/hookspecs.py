@@ -60,6 +60,19 @@ def sdeflow_register_datasets(register: Register) -> None:
     """Register data sets: factories returning a :class:`sdeflow.interfaces.DataBundle`."""
 
 
+@hookspec
+def sdeflow_register_estimators(register: Register) -> None:
+    """Register likelihood estimators (``eval.estimator``): factories ``(config, time_sampler, samples,
+    time_sampler_name)`` of an :class:`sdeflow.estimators.Estimator`, called as ``estimate(model, z, generator)``
+    → a lower bound on log p(z) per example, in nats."""
+
+
+@hookspec
+def sdeflow_register_metrics(register: Register) -> None:
+    """Register sample-quality metrics (``eval.metrics``): :class:`sdeflow.quality.Metric` objects or
+    factories of them, comparing samples with held-out data (``space: data``) or Inception statistics."""
+
+
 KINDS: dict[str, str] = {
     "sde": "sdeflow_register_sdes",
     "network": "sdeflow_register_networks",
@@ -69,5 +82,8 @@ KINDS: dict[str, str] = {
     "sampler": "sdeflow_register_samplers",
     "data": "sdeflow_register_datasets",
     "dequantizer": "sdeflow_register_dequantizers",
+    "estimator": "sdeflow_register_estimators",
+    "metric": "sdeflow_register_metrics",
 }
-"""Component kind (the experiment YAML's section name) → the hook that registers it."""
+"""Component kind → the hook that registers it. Every kind but ``estimator`` and ``metric`` is an experiment
+YAML section; those two are named in the ``eval`` section (``eval.estimator``, ``eval.metrics``)."""

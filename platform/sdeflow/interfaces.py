@@ -7,8 +7,10 @@ against a batch ``y`` of shape (B, ...). Every method works for a batch of one.
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import attrs
@@ -36,6 +38,30 @@ def gaussian_log_prob(y: Tensor, std: float | Tensor = 1.0) -> Tensor:
     D = y[0].numel()
     std = torch.as_tensor(std, dtype=y.dtype, device=y.device)
     return -0.5 * flat_sum(y**2) / std**2 - D * torch.log(std) - 0.5 * D * math.log(2 * math.pi)
+
+
+SHARED = "shared"
+_DRAW_EXAMPLES: contextvars.ContextVar[Tensor | str | None] = contextvars.ContextVar("sdeflow_draw_examples",
+                                                                                    default=None)
+
+
+@contextlib.contextmanager
+def draws_of(examples: Tensor | str | None) -> Iterator[None]:
+    """Within the block, a tensor of times an SDE is evaluated at belongs to the examples ``examples``: a
+    LongTensor (entry i is the example of time i), :data:`SHARED` (one value every example's loss uses alike,
+    such as a constant of the bound), or None (one time per example, in order: the default). The ELBO says
+    so wherever its times are not one per example, for a component that scales gradients per example (the
+    learned VP's variance gradient)."""
+    token = _DRAW_EXAMPLES.set(examples)
+    try:
+        yield
+    finally:
+        _DRAW_EXAMPLES.reset(token)
+
+
+def draw_examples() -> Tensor | str | None:
+    """What :func:`draws_of` declared for the times being evaluated now."""
+    return _DRAW_EXAMPLES.get()
 
 
 class SDE(abc.ABC):
@@ -69,9 +95,17 @@ class SDE(abc.ABC):
         """log p_T(y) per example."""
 
     def linear_drift(self, t: Tensor) -> Tensor | None:
-        """κ(t), shape (B,), when the drift is linear, f(y, t) = κ(t) y; None (the default) when it is not
-        or is not declared. The denoising form of the ELBO needs it (MATH.md §9)."""
-        return None
+        """κ(t), shape (B,), when the drift is linear, f(y, t) = κ(t) y; None when it is not. The denoising form
+        of the ELBO needs it (MATH.md §9). Marginals N(m x, σ² I) for every x imply an affine drift with
+        κ = d log m/dt, so the default derives κ from m by central differences in float64 (one-sided at 0 and
+        T); the kernel checks it against f before using it (``sdeflow.elbo.require_linear_drift``). Override
+        it with the closed form, or return None for an SDE whose drift is not linear."""
+        t64 = t.detach().to(torch.float64)
+        h = 1e-5 * self.T
+        lo, hi = (t64 - h).clamp(min=0.0), (t64 + h).clamp(max=self.T)
+        with torch.no_grad():
+            slope = (torch.log(self.m(hi).double()) - torch.log(self.m(lo).double())) / (hi - lo)
+        return slope.to(t.dtype)
 
     def prior_std(self) -> float | None:
         """s when the prior p_T is N(0, s² I), else None (the default). With it E log p_T(Y_T) has a closed

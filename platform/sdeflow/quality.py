@@ -11,7 +11,8 @@ and the held-out split against the same reference as the floor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import abc
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -19,8 +20,9 @@ from torch import Tensor
 
 from .checkpoint import derive_seed
 from .data import eval_batches, num_examples, take
-from .errors import ConfigError, InvalidArgument
+from .errors import ConfigError, InvalidArgument, did_you_mean
 from .inception import InceptionFeatures, Statistics, cache_folder, cached_statistics, find_weights
+from .registry import Registry, default_registry
 
 PROJECTIONS = 512
 
@@ -81,21 +83,42 @@ def kernel_inception_distance(x: Tensor, y: Tensor, *, generator: torch.Generato
     return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
 
 
-METRICS: dict[str, Literal["data", "inception"]] = {
-    # name → the space it compares in: the samples and held-out examples as they are, or their
-    # Inception-v3 features (images only)
-    "swd": "data", "mmd": "data", "fid": "inception", "kid": "inception",
-}
-DATA_METRICS: dict[str, Callable[..., float]] = {"swd": sliced_wasserstein, "mmd": mmd}
+class Metric(abc.ABC):
+    """A sample-quality metric, registered under the ``metric`` kind (``eval.metrics``) and reported beside
+    its floor. ``space`` says what it compares: ``data``, ``compare(samples, held_out, generator=)`` of
+    two equal-size batches as they are (→ a float); or ``inception``, ``compare(a, b, generator=)`` of two
+    :class:`~sdeflow.inception.Statistics` of Inception-v3 features (images only; → a float, or (value,
+    {extra JSON fields}))."""
+
+    space: Literal["data", "inception"] = "data"
+
+    @abc.abstractmethod
+    def compare(self, a: Any, b: Any, *, generator: torch.Generator) -> float | tuple[float, dict[str, Any]]: ...
 
 
-def parse_metrics(names: list[str] | str) -> list[str]:
-    """``"swd,mmd"`` or a list → the names, checked; unknown names raise :class:`InvalidArgument`."""
+def metric(name: str, registry: Registry | None = None) -> Metric:
+    """The registered metric ``name``, built with its defaults."""
+    return (registry or default_registry()).get("metric", name).factory()
+
+
+def parse_metrics(names: list[str] | str, registry: Registry | None = None) -> list[str]:
+    """``"swd,mmd"`` or a list → the names, checked against the registry; unknown names raise
+    :class:`InvalidArgument`."""
+    registry = registry or default_registry()
     words = [w.strip() for w in (names.split(",") if isinstance(names, str) else names) if str(w).strip()]
+    known = registry.names("metric")
     for word in words:
-        if word not in METRICS:
-            raise InvalidArgument("metrics", f"unknown metric {word!r}; expected a list of {', '.join(METRICS)}")
+        try:
+            registry.get("metric", word)
+        except ConfigError:
+            raise InvalidArgument("metrics", f"unknown metric {word!r}; expected a list of "
+                                  f"{', '.join(known)}{did_you_mean(word, known)}") from None
     return list(dict.fromkeys(words))
+
+
+def in_space(names: list[str], space: str, registry: Registry | None = None) -> list[str]:
+    """The metrics among ``names`` that compare in ``space`` (data or inception)."""
+    return [name for name in names if metric(name, registry).space == space]
 
 
 def require_images(names: list[str], data, argument: str = "metrics") -> None:
@@ -108,7 +131,7 @@ def require_images(names: list[str], data, argument: str = "metrics") -> None:
 def check_metrics(exp, data) -> None:
     """Before training: ``eval.metrics`` suits the data (fid and kid need images) and fid and kid have
     their weights, so a run does not fail at its last step. Raises :class:`ConfigError`."""
-    names = [name for name in parse_metrics(exp.eval.metrics) if METRICS[name] == "inception"]
+    names = in_space(parse_metrics(exp.eval.metrics), "inception")
     if not names:
         return
     try:
@@ -128,10 +151,10 @@ def sample_quality(names: list[str], samples: Tensor, held_out: Tensor, seed: in
     a, b, s = held_out[:m], held_out[m:2 * m], samples[:m]
     out = {}
     for name in names:
-        metric = DATA_METRICS[name]
-        value = metric(s, a, generator=torch.Generator().manual_seed(seed))
-        floor = metric(b, a, generator=torch.Generator().manual_seed(seed))  # the same directions
-        out[name] = {"value": value, "floor": floor, "n": m}
+        compare = metric(name).compare
+        value = compare(s, a, generator=torch.Generator().manual_seed(seed))
+        floor = compare(b, a, generator=torch.Generator().manual_seed(seed))  # the same directions
+        out[name] = {"value": float(value), "floor": float(floor), "n": m}
     return out
 
 
@@ -148,13 +171,13 @@ def run_quality(run, names: list[str], *, split: str = "test", n: int | None = N
     settings = {"sampler": dict(run.exp.components["sampler"]), "lam": getattr(sampler, "lam", None),
                 "steps": cfg.steps, "seed": seed, "weights": "ema"}
     out: dict[str, dict[str, Any]] = {}
-    in_data = [name for name in names if METRICS[name] == "data"]
+    in_data = in_space(names, "data")
     if in_data:
         m = min(n or cfg.num, num_examples(examples) // 2)
         held_out = take(examples, range(2 * m))
         samples, _ = run.draw(sampler, m, steps=cfg.steps, seed=seed)
         out.update(sample_quality(in_data, samples, held_out, seed))
-    in_features = [name for name in names if METRICS[name] == "inception"]
+    in_features = in_space(names, "inception")
     if in_features:
         out.update(inception_quality(run, in_features, sampler, steps=cfg.steps, split=split,
                                      n=n or run.exp.eval.fid_samples, seed=seed))
@@ -187,16 +210,15 @@ def inception_quality(run, names: list[str], sampler, *, steps: int | None, spli
                  "extractor": extractor.describe(), "floor_n": floor.n, "batch_size": cfg.batch_size}
     out = {}
     for name in names:
-        if name == "fid":
-            value, spread = frechet_distance(samples, reference), {}
-            floor_value = frechet_distance(floor, reference)
-        else:
-            (value, std), (floor_value, _) = (
-                kernel_inception_distance(s.pool, reference.pool, generator=torch.Generator().manual_seed(seed))
-                for s in (samples, floor))
-            spread = {"std": std}
-        out[name] = {"value": value, "floor": floor_value, "n": samples.n, **spread, **described}
+        compare = metric(name).compare
+        value, extra = _value(compare(samples, reference, generator=torch.Generator().manual_seed(seed)))
+        floor_value, _ = _value(compare(floor, reference, generator=torch.Generator().manual_seed(seed)))
+        out[name] = {"value": value, "floor": floor_value, "n": samples.n, **extra, **described}
     return out
+
+
+def _value(result: float | tuple[float, dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+    return (float(result[0]), dict(result[1])) if isinstance(result, tuple) else (float(result), {})
 
 
 def sample_batches(run, sampler, n: int, steps: int | None, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -216,7 +238,7 @@ def format_quality(quality: dict[str, dict[str, float]], split: str) -> str:
     lines = []
     for name, q in quality.items():
         ratio = f"; {q['value'] / q['floor']:.2f}× the floor" if q["floor"] > 0 else ""
-        if METRICS[name] == "inception":
+        if "floor_n" in q:  # an Inception metric: the floor is the held-out split against the reference
             floor = f"floor {q['floor']:.4f}: {q['floor_n']} {split} images vs the reference, n={q['n']}{ratio}"
         else:
             floor = f"floor {q['floor']:.4f}: two halves of {split}, n={q['n']}{ratio}"

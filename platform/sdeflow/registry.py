@@ -28,6 +28,7 @@ INJECTED: dict[str, tuple[str, ...]] = {
     "network": ("data_shape",),
     "parameterization": ("network", "sde"),
     "dequantizer": ("data_shape",),
+    "estimator": ("config", "time_sampler", "samples", "time_sampler_name"),
 }
 """Arguments the kernel passes itself when building a component of that kind (not set in YAML)."""
 

@@ -134,6 +134,7 @@ class Run:
             ts = self.registry.get("time_sampler", time_sampler, where="--time-sampler").factory()
         try:
             return make_estimators(which, cfg, ts, samples=samples, time_sampler_name=time_sampler or cfg.time_sampler,
+                                   registry=self.registry,
                                    sde=self.ema.sde)
         except InvalidArgument as e:
             key = "--estimator" if e.argument == "estimator" else f"eval.{e.argument}"

@@ -40,12 +40,14 @@ PLAN_FILE = "sweep.json"
 COLUMNS = ["variant", "changes", "steps", "wall_s", "it_per_s", "final_loss",
            "val_bpd", "val_bpd_se", "val_delta", "val_delta_se_paired", "val_delta_se_indep", "val_rank",
            "test_bpd", "test_bpd_se", "test_delta", "test_delta_se_paired", "test_delta_se_indep", "paired_n",
-           "dequantizer"]
+           "dequantizer", "bound", "val_tail_k", "test_tail_k", "se_warning"]
 """Each bpd column names its split; deltas are to the baseline on the same examples; ``*_se_paired`` is
 std(bpd_variant,i − bpd_base,i)/√n over common examples and random streams (MATH.md §10),
 ``*_se_indep`` √(se² + se_base²) as if the two evaluations were independent; ``val_rank`` ranks by
-validation bpd (1 = best), so a variant is chosen on val and reported on test; ``dequantizer`` is the
-one the test bpd was measured with ("none" for continuous data)."""
+validation bpd (1 = best), so a variant is chosen on val and reported on test; ``dequantizer`` and
+``bound`` are those the test bpd was measured with ("none" for continuous data); ``*_tail_k`` is the Pareto
+shape of the per-example values' upper tail (sdeflow.tails), and ``se_warning`` names the splits whose s.e.
+cannot be trusted (k ≥ 0.5)."""
 
 
 def own_settings_variant(data: Mapping[str, Any], variants: Sequence[Any]) -> str:
@@ -106,6 +108,14 @@ def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
         row[f"_{split}_entry"] = entry
     protocol = row["_test_entry"].get("protocol", {})
     row["dequantizer"] = protocol.get("dequantizer", {}).get("name", "none" if protocol else None)
+    row["bound"] = protocol.get("bound", "paper" if protocol else None)
+    untrusted = []
+    for split in ("val", "test"):
+        tail = row[f"_{split}_entry"].get("tail") or {}
+        row[f"{split}_tail_k"] = tail.get("pareto_k")
+        if tail.get("se_trusted") is False:
+            untrusted.append(f"{split} s.e. untrusted")
+    row["se_warning"] = "; ".join(untrusted) or None
     return row
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from sdeflow.errors import require
 from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import SDE, TimeDensity, bcast, gaussian_log_prob
+from sdeflow.interfaces import SDE, TimeDensity, bcast, draw_examples, gaussian_log_prob
 
 
 def _check_time(T: float, t_eps: float) -> None:
@@ -209,6 +209,14 @@ class MonotoneNetwork(nn.Module):
         l1, s, _, _, w3 = self._parts(tau)
         return l1 + s @ w3
 
+    def rise(self, tau: Tensor) -> Tensor:
+        """h(τ) − h(0) without cancellation at small τ: w₁ τ + Σⱼ w₃ⱼ (sⱼ(τ) − sⱼ(0)), each difference of sigmoids
+        written σ(a) − σ(b) = −expm1(−(a − b)) σ(a) σ(−b) with a − b = w₁ τ w₂ exactly."""
+        _, s, w1, w2, w3 = self._parts(tau)
+        d = (w1 * tau)[:, None] * w2
+        below = torch.sigmoid(-(self.b1 * w2 + self.b2))
+        return w1 * tau + (-torch.expm1(-d) * s * below) @ w3
+
     def derivative(self, tau: Tensor) -> Tensor:
         """dh/dτ = w₁ (1 + Σⱼ w₃ⱼ w₂ⱼ sⱼ (1 − sⱼ)) > 0."""
         _, s, w1, w2, w3 = self._parts(tau)
@@ -217,19 +225,28 @@ class MonotoneNetwork(nn.Module):
 
 class _VarianceGradient(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient of example i by 2 L_i (``box``, filled by
-    ``observe_loss`` before backward), turning ∇ mean L into ∇ mean L² (VDM §5.1, eq. 21)."""
+    ``observe_loss`` before backward), turning ∇ mean L into ∇ mean L² (VDM §5.1, eq. 21). Which example a
+    time belongs to is what the ELBO declared (:func:`sdeflow.interfaces.draws_of`): one time per example
+    (the default), an index per time, or a value shared alike by every example's loss (its gradient is then
+    scaled by 2 mean L, which is exact when each L_i depends on it with the same coefficient)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, box: dict) -> Tensor:
-        ctx.box = box
+    def forward(ctx, x: Tensor, box: dict, examples) -> Tensor:
+        ctx.box, ctx.examples = box, examples
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         loss = ctx.box.get("loss")
-        if loss is None or loss.shape != grad.shape:
-            return grad, None
-        return grad * 2 * loss.to(grad.dtype), None
+        if loss is None:
+            return grad, None, None
+        loss = loss.to(grad.dtype)
+        if isinstance(ctx.examples, str):
+            return grad * 2 * loss.mean(), None, None
+        per_time = loss if ctx.examples is None else loss[ctx.examples.to(loss.device)]
+        if per_time.shape != grad.shape:
+            return grad, None, None
+        return grad * 2 * per_time, None, None
 
 
 class LearnedVPSDE(nn.Module, SDE):
@@ -261,20 +278,26 @@ class LearnedVPSDE(nn.Module, SDE):
 
     def _shape(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         """(φ(τ), φ′(τ)) with φ = (h − h(0)) / (h(1) − h(0)) ∈ [0, 1], through the variance gradient."""
-        ends = self.h(torch.tensor([0.0, 1.0], device=tau.device, dtype=tau.dtype))
-        span = ends[1] - ends[0]
-        phi, dphi = (self.h(tau) - ends[0]) / span, self.h.derivative(tau) / span
+        span = self.h.rise(torch.ones(1, device=tau.device, dtype=tau.dtype))[0]
+        phi, dphi = self.h.rise(tau) / span, self.h.derivative(tau) / span
         if self.variance_interior and torch.is_grad_enabled():
-            phi, dphi = _VarianceGradient.apply(phi, self.box), _VarianceGradient.apply(dphi, self.box)
+            examples = draw_examples()
+            phi = _VarianceGradient.apply(phi, self.box, examples)
+            dphi = _VarianceGradient.apply(dphi, self.box, examples)
         return phi, dphi
 
-    def gamma_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(γ(t), γ′(t)), computed in the parameters' dtype and device."""
+    def rise_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(γ(t) − γ₀, γ′(t)), computed in the parameters' dtype and device; the first without cancellation."""
         ref = self.h.w2
         tau = (t / self.T).to(device=ref.device, dtype=ref.dtype)
         phi, dphi = self._shape(tau)
         g0, g1 = self.ends[0], self.ends[1]
-        return g0 + (g1 - g0) * phi, (g1 - g0) * dphi / self.T
+        return (g1 - g0) * phi, (g1 - g0) * dphi / self.T
+
+    def gamma_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(γ(t), γ′(t)), computed in the parameters' dtype and device."""
+        rise, slope = self.rise_and_slope(t)
+        return self.ends[0] + rise, slope
 
     def gamma(self, t: Tensor) -> Tensor:
         return self.gamma_and_slope(t)[0].to(device=t.device, dtype=t.dtype)
@@ -286,9 +309,13 @@ class LearnedVPSDE(nn.Module, SDE):
         return self._shape(tau)[0].to(device=t.device, dtype=t.dtype)
 
     def B(self, t: Tensor) -> Tensor:
-        """B(t) = ∫₀ᵗ β = softplus(γ(t)) − softplus(γ₀)."""
-        gamma, _ = self.gamma_and_slope(t)
-        return (F.softplus(gamma) - F.softplus(self.ends[0])).to(device=t.device, dtype=t.dtype)
+        """B(t) = ∫₀ᵗ β = softplus(γ(t)) − softplus(γ₀) = log1p(sigmoid(γ₀) expm1(γ(t) − γ₀)): no cancellation as
+        t → 0, so σ² = −expm1(−B) keeps its relative precision down to t = 0 in float32 (MATH.md §12)."""
+        rise, _ = self.rise_and_slope(t)
+        g0 = self.ends[0]
+        small = torch.log1p(torch.sigmoid(g0) * torch.expm1(rise.clamp(max=30.0)))
+        large = F.softplus(g0 + rise) - F.softplus(g0)
+        return torch.where(rise < 30.0, small, large).to(device=t.device, dtype=t.dtype)
 
     def beta(self, t: Tensor) -> Tensor:
         """β(t) = sigmoid(γ(t)) γ′(t)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sdeflow.hookspecs import hookimpl
 
 from .network import ResMLP
+from .quality import MeanDistance, RK4ODE
 from .sde import ConstantBetaVP, LearnedBetaVP
 
 
@@ -17,3 +18,13 @@ def sdeflow_register_sdes(register) -> None:
 @hookimpl
 def sdeflow_register_networks(register) -> None:
     register("resmlp", ResMLP)
+
+
+@hookimpl
+def sdeflow_register_estimators(register) -> None:
+    register("ode_rk4", RK4ODE)
+
+
+@hookimpl
+def sdeflow_register_metrics(register) -> None:
+    register("mean_distance", MeanDistance)
