@@ -81,7 +81,7 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
                           f"got {exp.eval.max_examples}")
     if exp.sample.steps is not None and exp.sample.steps < 1:
         raise ConfigError(f"{exp.source}: sample.steps: must be at least 1, got {exp.sample.steps}")
-    for key in ("pilot_examples", "proposal_bins"):
+    for key in ("pilot_examples", "proposal_bins", "ode_repeats"):
         if getattr(exp.eval, key) < 1:
             raise ConfigError(f"{exp.source}: eval.{key}: must be at least 1, got {getattr(exp.eval, key)}")
     try:

@@ -58,6 +58,9 @@ class EvalConfig:
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
     ode_method: str = "dopri5"
+    ode_time: Literal["t", "log_t", "log_snr"] = "t"  # the variable the ODE solver steps in (MATH.md §7)
+    ode_repeats: int = 1  # solves per example, each with its own dequantization draw and probe
+    ode_combine: Literal["mean", "logmeanexp"] = "mean"  # of the repeats: mean, or log-mean-exp (i-DODE)
     metrics: str = ""  # comma-separated sample-quality metrics (sdeflow.quality: swd, mmd, fid, kid) on test
     fid_samples: int = 50_000  # samples fid and kid draw (the protocol's 50k)
     fid_reference: int | None = None  # training images in the reference statistics (None: all of them)

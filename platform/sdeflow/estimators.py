@@ -119,7 +119,8 @@ class ODE:
                  time_sampler_name: str | None = None):
         """The ODE takes no time sampler; K (``samples``) is not used by it."""
         self.inner = ode_estimator(config)
-        self.settings = {"estimator": "ode", **self.inner.kwargs}
+        self.repeats, self.combine = self.inner.repeats, self.inner.combine
+        self.settings = {"estimator": "ode", **self.inner.kwargs, "repeats": self.repeats, "combine": self.combine}
 
     @property
     def nfe(self) -> list[int]:

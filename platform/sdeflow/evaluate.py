@@ -148,10 +148,35 @@ def batch_nll(model, space: ModelSpace, estimators: dict[str, Estimator], x: Ten
     nll = {}
     for name, estimate in estimators.items():
         start = _now(device)
-        nll[name] = -estimate(model, z, batch_generator(device, seed, batch, name)).double()
+        generator = batch_generator(device, seed, batch, name)
+        if getattr(estimate, "repeats", 1) == 1:
+            nll[name] = -estimate(model, z, generator).double()
+        else:
+            nll[name] = -repeated(estimate, model, space, x, (z, log_det, log_q), generator,
+                                  lambda k: batch_generator(device, seed, batch, f"data-repeat-{k}"))
         if seconds is not None:
             seconds[name] += _now(device) - start
     return nll, log_det.double(), log_q.double()
+
+
+def repeated(estimate, model, space: ModelSpace, x: Tensor, first: tuple[Tensor, Tensor, Tensor], generator,
+             data_generator) -> Tensor:
+    """log p(z) of the first draw's z such that the bpd of :func:`summarize` is that of ``estimate.repeats``
+    solves, each on its own dequantization draw (the first is ``first``), combined in data space:
+    the mean of log p(x̃_k) − log q(u_k | x) (each a bound; so is their mean), or their log-mean-exp
+    (``combine: logmeanexp``, the importance-weighted bound over the dequantization draws of i-DODE and
+    MuLAN, valid when each log p(x̃_k) is exact, as the ODE's is up to its tolerance and probe)."""
+    z0, log_det0, log_q0 = first
+    draws = []
+    for k in range(estimate.repeats):
+        z, log_det, log_q = first if k == 0 else space(x, generator=data_generator(k))
+        draws.append(estimate(model, z, generator).double() + log_det.double() - log_q.double())
+    stacked = torch.stack(draws)
+    if estimate.combine == "logmeanexp":
+        combined = torch.logsumexp(stacked, dim=0) - math.log(len(draws))
+    else:
+        combined = stacked.mean(dim=0)
+    return combined - log_det0.double() + log_q0.double()
 
 
 def _summaries(ctx: DistContext, device, rows: dict[str, list[Tensor]], log_dets: list[Tensor], log_qs: list[Tensor],

@@ -93,7 +93,8 @@ class Run:
                and samples in (None, cfg.samples_per_example) and time_sampler in (None, cfg.time_sampler))
         for name, result in results.items():
             result["full"] = own
-            result["protocol"] = {"weights": "ema", **bound_protocol, **space.protocol(spec),
+            deq = spec if exp.bound == "paper" else {"name": f"matched_truncated_normal (bound: {exp.bound})"}
+            result["protocol"] = {"weights": "ema", **bound_protocol, **space.protocol(deq),
                                   "se": "std of per-example bpd / sqrt(n)"}
             estimate = estimators.get(name)
             result["settings"] = {**getattr(estimate, "settings", {}), "batch_size": batch_size,
