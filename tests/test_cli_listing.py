@@ -39,8 +39,10 @@ def test_plugins_json(plugin_env, capsys):
     assert all({"name", "version", "hooks", "components"} <= set(item) for item in items)
     (example,) = [item for item in items if item["name"] == "example"]
     assert example["version"] == "0.1.0"
-    assert set(example["hooks"]) == {"sdeflow_register_sdes", "sdeflow_register_networks"}
-    assert set(example["components"]) == {"sde:vp_const", "sde:vp_learned_beta", "network:resmlp"}
+    assert set(example["hooks"]) == {"sdeflow_register_sdes", "sdeflow_register_networks",
+                                     "sdeflow_register_estimators", "sdeflow_register_metrics"}
+    assert set(example["components"]) == {"sde:vp_const", "sde:vp_learned_beta", "network:resmlp",
+                                          "estimator:ode_rk4", "metric:mean_distance"}
 
 
 def test_components_json_of_one_kind(plugin_env, capsys):

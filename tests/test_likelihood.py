@@ -101,7 +101,8 @@ def test_ode_repeats_combine_their_dequantization_draws_in_data_space():
 
     first = (torch.zeros(2, 1), torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.3]))
     out = repeated(Fake(), None, lambda x, generator: next(draws), torch.zeros(2, 1), first, None, lambda k: None)
-    per_draw = torch.tensor([[1.0 + 0.0 - 0.0, 2.0 + 1.0 - 0.3], [3.0 + 0.5 - 0.1, 0.0 + 0.5 - 0.2]], dtype=torch.float64)
+    per_draw = torch.tensor([[1.0 + 0.0 - 0.0, 2.0 + 1.0 - 0.3], [3.0 + 0.5 - 0.1, 0.0 + 0.5 - 0.2]],
+                            dtype=torch.float64)
     expected = per_draw.mean(dim=0) - first[1].double() + first[2].double()
     assert torch.allclose(out, expected)
     values = iter([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0])])

@@ -113,9 +113,11 @@ def test_example_plugin_is_discovered_from_its_distribution(plugin_env):
     assert "example" in plugins, EXAMPLE_MISSING
     info = plugins["example"]
     assert (info.distribution, info.version) == ("sdeflow-example-plugin", "0.1.0")
-    assert set(info.hooks) == {"sdeflow_register_sdes", "sdeflow_register_networks"}
+    assert set(info.hooks) == {"sdeflow_register_sdes", "sdeflow_register_networks", "sdeflow_register_estimators",
+                               "sdeflow_register_metrics"}
     components = {(c.kind, c.name) for c in plugin_components(registry, "example")}
-    assert components == {("sde", "vp_const"), ("sde", "vp_learned_beta"), ("network", "resmlp")}
+    assert components == {("sde", "vp_const"), ("sde", "vp_learned_beta"), ("network", "resmlp"),
+                          ("estimator", "ode_rk4"), ("metric", "mean_distance")}
 
 
 def test_builtin_plugins_are_discovered_through_entry_points(plugin_env, repo_root):
@@ -378,6 +380,14 @@ class EveryKind:
     def sdeflow_register_dequantizers(self, register):
         register("every_dequantizer", lambda data_shape, bins=1: Dummy())
 
+    @hookimpl
+    def sdeflow_register_estimators(self, register):
+        register("every_estimator", lambda config, time_sampler, samples, time_sampler_name, order=2: Dummy())
+
+    @hookimpl
+    def sdeflow_register_metrics(self, register):
+        register("every_metric", Dummy)
+
 
 def test_a_plugin_can_implement_every_hook():
     registry, messages = discover(("every", EveryKind()), entry_points=False)
@@ -389,6 +399,7 @@ def test_a_plugin_can_implement_every_hook():
     assert list(registry.get("network", "every_network").arguments) == ["width"]  # data_shape injected
     assert list(registry.get("parameterization", "every_parameterization").arguments) == ["scale"]
     assert list(registry.get("dequantizer", "every_dequantizer").arguments) == ["bins"]
+    assert list(registry.get("estimator", "every_estimator").arguments) == ["order"]  # the eval settings injected
 
 
 HOOK_SPECS = sorted(name for name in vars(hookspecs) if name.startswith("sdeflow_register_"))

@@ -161,8 +161,8 @@ def test_the_denoising_form_needs_an_sde_with_linear_drift(tmp_path, capsys):
     from sdeflow.registry import build_registry
 
     registry = build_registry([("nonaffine", NonAffinePlugin)], entry_points=True)
-    from sdeflow.config import load_experiment
     from sdeflow.build import check_experiment
+    from sdeflow.config import load_experiment
 
     path = write_experiment(tmp_path, sde={"name": "vp_cubic"}, loss={"name": "elbo", "form": "denoising"})
     with pytest.raises(ConfigError, match=r"loss.form: .*f\(y, t\) differs from κ\(t\) y.*not affine.*vp_cubic"):
@@ -268,9 +268,9 @@ def test_learned_vp_sigma_keeps_its_precision_down_to_t_0_in_float32(t):
     _, slope = ref.gamma_and_slope(torch.zeros(1, dtype=torch.float64))
     limit = float((torch.sigmoid(g0) * slope).detach())
     t32 = torch.full((1,), t, dtype=torch.float32)
-    sigma32 = sde.sigma(t32).double()
+    sigma32 = sde.sigma(t32).detach().double()
     assert float(sigma32**2 / t) == pytest.approx(limit, rel=1e-3)
-    r = sde.likelihood_weight(t32)
+    r = sde.likelihood_weight(t32).detach()
     assert float(r * t) == pytest.approx(1.0, rel=1e-2)  # r = g²/σ² ≈ 1/t: finite, not ∞ from σ = 0
 
 

@@ -6,9 +6,9 @@ Every bound on log P(x) here has one shape,
 
     paper      t_start = 0, head 0: the paper's ELBO to t = 0 on the experiment's dequantizer (MATH.md §5, §14)
     discrete   t_start = t_ε, head = E_q[log p(x | y_ε) − log q(y_ε | x)]: VDM's decoder over the levels,
-               no dequantization, a probability mass
-    truncated  t_start = t_ε, head = D log m(t_ε): a Gaussian decoder of std σ(t_ε)/m(t_ε), with i-DODE's
-               truncated-normal dequantization matched to it
+               no dequantization, a probability mass; the diffusion's ELBO of Y_t | x
+    truncated  t_start = t_ε, head = D log m(t_ε): log p(x̃) = log p_ε(m x̃) + D log m, the diffusion's ELBO
+               from the point m x̃ at t_ε, with i-DODE's truncated-normal dequantization matched to σ/m
 
 so a bound is an object the model carries (``DiffusionModel.bound``): every ELBO estimator, the ELBO
 training loss and the ODE read its ``start`` and add its ``head``. The ELBO integrand's draws below
@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import SdeflowError
-from .interfaces import (SDE, DataTransform, Dequantizer, TabulatedTimeDensity, bcast, derived, flat_sum,
-                         randn_like)
+from .interfaces import SDE, DataTransform, Dequantizer, TabulatedTimeDensity, bcast, derived, flat_sum, randn_like
 from .transforms import ModelSpace, transform_slope, truncated_normal_draw, truncated_normal_log_q
 
 BOUND_NAMES = ("paper", "discrete", "truncated")
@@ -261,8 +260,8 @@ class MatchedTruncatedNormal(Dequantizer):
     """u = ½ + w/(2τ), w ~ N(0, 1) truncated to [−τ, τ] per dimension, with τ_d = m(t_ε) J_d / (2 L σ(t_ε)),
     J_d = dz/dx̃ at the bin's centre: the bin's half-width in model space in units of σ(t_ε)/m(t_ε), so m x̃
     spreads about a level as Y_{t_ε} does and the bound is tight on a model that has learned the levels
-    (i-DODE; MATH.md §15). τ is read from the SDE at every call and held fixed within it (a trainable schedule moves it between
-    steps)."""
+    (i-DODE; MATH.md §15). τ is read from the SDE at every call and held fixed within it (a trainable
+    schedule moves it between steps)."""
 
     def __init__(self, sde: SDE, transform: DataTransform):
         self.sde, self.transform = sde, transform
@@ -285,7 +284,8 @@ class MatchedTruncatedNormal(Dequantizer):
         return torch.where(inside, log_q, -math.inf).to(u.dtype)
 
     def protocol(self) -> str:
-        return "truncated normal matched to sigma(t_eps): tau = m(t_eps) dz/dx~ / (2 L sigma(t_eps)) per value, exact log q"
+        return ("truncated normal matched to sigma(t_eps): tau = m(t_eps) dz/dx~ / (2 L sigma(t_eps)) per value, "
+                "exact log q")
 
 
 PAPER = Bound()

@@ -15,7 +15,6 @@ from typing import Any, Literal
 import attrs
 import yaml
 
-from . import hookspecs
 from .errors import ConfigError, InvalidArgument, PluginError, SdeflowError, did_you_mean
 from .registry import Component, Registry, default_registry
 from .schema import TypeMismatch, check_arguments, coerce, type_name

@@ -13,7 +13,8 @@ An ENTRY holds bpd, bpd_se, nats, nats_se, n, split, estimator, step, seed, the 
 ``settings``, ``full`` (whether it is the experiment's own evaluation: its ``eval`` settings, on the
 whole split or the first ``eval.max_examples`` the experiment itself sets), ``key`` and ``per_example``: the path,
 relative to the run folder, of a CSV file ``evals/KEY.csv`` with one row per example and the columns
-``index`` (position in the split), ``nats`` (the bound on −log P(x) of the data, bpd·D·ln 2) and ``bpd``. A notebook reads it with ``numpy.loadtxt(path, delimiter=",", skiprows=1)``
+``index`` (position in the split), ``nats`` (the bound on −log P(x) of the data, bpd·D·ln 2) and ``bpd``.
+A notebook reads it with ``numpy.loadtxt(path, delimiter=",", skiprows=1)``
 or ``pandas.read_csv(path)``, or with :func:`per_example` here.
 
 KEY is ``SPLIT.ESTIMATOR.SETTINGS.stepSTEP``, SETTINGS a short hash of everything that fixes the

@@ -146,8 +146,9 @@ def restore(run_dir: Path, apply: Callable[[dict[str, Any]], None], notice: Call
 
 # ---------------------------------------------------------------- resuming honestly
 
-REFUSED = ("seed", "train.batch_size")
-"""Settings whose change on resume breaks exact resume (besides any component's), refused unless allowed."""
+REFUSED = ("seed", "train.batch_size", "bound")
+"""Settings whose change on resume breaks exact resume (besides any component's), refused unless allowed:
+the bound is what the ELBO loss trains and how the data are dequantized (MATH.md §15)."""
 HARMLESS = ("sampler.", "data.root", "data.download")
 """Component settings that do not touch training: how samples are drawn, where the data lies."""
 

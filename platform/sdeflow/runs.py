@@ -13,7 +13,16 @@ import attrs
 import torch
 
 from .bounds import BOUND_NAMES
-from .build import Parts, build_bound, build_data, build_model, build_space, check_bound, check_experiment, require_lambda_sampler
+from .build import (
+    Parts,
+    build_bound,
+    build_data,
+    build_model,
+    build_space,
+    check_bound,
+    check_experiment,
+    require_lambda_sampler,
+)
 from .checkpoint import UnreadableCheckpoint
 from .config import COMPONENT_DEFAULTS, Experiment, build_component, check_component, structure
 from .distributed import DistContext

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sdeflow.hookspecs import hookimpl
 
 from .network import ResMLP
-from .quality import MeanDistance, RK4ODE
+from .quality import RK4ODE, MeanDistance
 from .sde import ConstantBetaVP, LearnedBetaVP
 
 
