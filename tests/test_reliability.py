@@ -515,3 +515,41 @@ def test_three_estimators_on_the_val_split_write_three_per_example_records(train
         assert torch.isfinite(values["bpd"]).all(), name
         assert float(values["bpd"].mean()) == pytest.approx(entry["bpd"], rel=1e-9), name
         assert name in out
+
+
+# ------------------------------------------------------------------ no poisoned checkpoint (issue 27, principle 1)
+
+
+@pytest.mark.parametrize("steps", [5, 6, 7])
+def test_an_update_that_breaks_the_weights_is_never_saved(trained, capsys, steps):
+    """lr = 1e39 on resume: the loss of each step is computed before its update, so only the weights can tell.
+    Whether the broken update falls on a checkpoint step (6), the final step (5, 7) or both, nothing is
+    saved: last.pt and previous.pt keep their bytes, the error is one line, and the run resumes later."""
+    path, run = trained
+    before = {p: (run / p).read_bytes() for p in (LAST, PREVIOUS)}
+    status, _, err = run_cli(capsys, "check", path, "train.lr=1e39")
+    assert status == 0 and "train.lr: 1e+39 is far above any rate Adam trains with" in err
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.lr=1e39", f"train.steps={steps}",
+                             "train.checkpoint_every=2", "--allow-changes")
+    assert_one_line_error(status, err, "non-finite", str(run / LAST), notices=True)
+    assert {p: (run / p).read_bytes() for p in (LAST, PREVIOUS)} == before
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.steps=6")
+    assert status == 0, err
+    assert load(run / LAST)["step"] == 6
+
+
+def test_a_checkpoint_with_non_finite_weights_is_skipped_like_an_unreadable_one(trained, capsys):
+    """A last.pt written with NaN weights (by an older sdeflow, or by hand) is not 'good': sample and eval
+    fall back to previous.pt with one line, and resume sets it aside."""
+    path, run = trained
+    state = load(run / LAST)
+    name = next(iter(state["ema"]))
+    state["ema"][name] = torch.full_like(state["ema"][name], float("nan"))
+    torch.save(state, run / LAST)
+    status, _, err = run_cli(capsys, "sample", run, "--num", "4", "--out", run.parent / "s.png")
+    assert status == 0, err
+    (line,) = [line for line in err.splitlines() if "non-finite weights" in line]
+    assert f"ema.{name}" in line and f"resuming from {run / PREVIOUS}" in line
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.steps=6")
+    assert status == 0, err
+    assert list((run / "checkpoints").glob("last.unreadable-*.pt")) and load(run / LAST)["step"] == 6

@@ -104,6 +104,8 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
     return parts
 
 
+ABSURD_LR = 1.0
+"""A learning rate above this is reported at check time (valid, but no Adam run trains with it)."""
 MISMATCH = 10.0
 """Importance weights w(t)/q(t) spread over more than this factor count as a mismatched time sampler."""
 
@@ -123,14 +125,20 @@ def importance_weight_spread(loss: Loss, time_sampler: TimeSampler, sde: SDE, po
 
 def advice(exp: Experiment, parts: Parts) -> list[str]:
     """Settings that are valid but almost surely not what was meant, one line each, naming the keys."""
+    lines = []
+    rates = {"train.lr": exp.train.lr, **{f"train.component_lr.{k}": v for k, v in exp.train.component_lr.items()}}
+    for key, rate in rates.items():
+        if isinstance(rate, (int, float)) and rate > ABSURD_LR:
+            lines.append(f"{exp.source}: {key}: {rate:g} is far above any rate Adam trains with (at most about "
+                         f"1e-2); the first update will likely make the weights non-finite, and then nothing is saved")
     q_spread, r_spread = importance_weight_spread(parts.loss, parts.time_sampler, parts.sde)
     if q_spread > 1.5 and r_spread > MISMATCH:
         fix = getattr(parts.loss, "matched_time_sampler_fix", None)
-        return [f"{exp.source}: time_sampler.name '{exp.components['time_sampler']['name']}' importance-samples t "
+        lines.append(f"{exp.source}: time_sampler.name '{exp.components['time_sampler']['name']}' importance-samples t "
                 f"for another weighting than loss '{exp.components['loss']['name']}' uses: its weights w(t)/q(t) "
                 f"spread over a factor {r_spread:.0f}, a noisier estimate of the same loss, not the paper's "
-                f"debiasing; {fix or 'pair it with a loss whose weight it matches'} (or time_sampler.name=uniform)"]
-    return []
+                f"debiasing; {fix or 'pair it with a loss whose weight it matches'} (or time_sampler.name=uniform)")
+    return lines
 
 
 def require_lambda_sampler(registry: Registry, exp: Experiment, key: str) -> None:

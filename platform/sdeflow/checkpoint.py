@@ -125,6 +125,29 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+WEIGHT_KEYS = ("model", "ema", "components", "ema_components", "optimizer")
+"""The parts of a checkpoint that hold weights, and the optimizer's moments that move them."""
+
+
+def non_finite_entries(state: dict[str, Any]) -> list[str]:
+    """The weights in a checkpoint's state (``model``, ``ema`` and component states) that hold a NaN or an
+    infinity, as ``part.name`` (empty: every weight is finite)."""
+    bad = []
+    for part in WEIGHT_KEYS:
+        for name, value in _tensors(state.get(part) or {}, part):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+    return bad
+
+
+def _tensors(tree: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{prefix}.{key}")
+
+
 class UnreadableCheckpoint(SdeflowError):
     """A checkpoint file that is missing, torn, not a checkpoint, or holds something else."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from . import hookspecs
-from .checkpoint import UnreadableCheckpoint, load, remove_stale_temporaries, write_error
+from .checkpoint import UnreadableCheckpoint, load, non_finite_entries, remove_stale_temporaries, write_error
 from .config import Experiment, read_yaml, structure
 from .errors import ConfigError, SdeflowError
 from .registry import Registry
@@ -124,6 +124,10 @@ def restore(run_dir: Path, apply: Callable[[dict[str, Any]], None], notice: Call
             continue
         try:
             state = load(path, map_location="cpu")
+            bad = non_finite_entries(state)
+            if bad:
+                raise UnreadableCheckpoint(f"{path}: holds non-finite weights ({', '.join(bad[:3])}"
+                                           f"{', …' if len(bad) > 3 else ''}), the update that wrote it diverged")
             apply(state)
         except UnreadableCheckpoint as e:
             problems.append((path, str(e)))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from . import milestones
 from .build import advice
 from .checkpoint import (
+    non_finite_entries,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -49,7 +50,7 @@ from .runs import Run, build_run
 
 
 class TrainingDiverged(SdeflowError):
-    """The loss became NaN or infinite."""
+    """The loss, or the weights after an update, became NaN or infinite."""
 
 
 AGREE_EVERY = 10
@@ -170,9 +171,18 @@ class Trainer:
         return state
 
     def save(self) -> None:
-        """last.pt, keeping the one it replaces as previous.pt (the fallback if last.pt is ever unreadable)."""
+        """last.pt, keeping the one it replaces as previous.pt (the fallback if last.pt is ever unreadable).
+        Weights that are not all finite are never saved: the update that broke them is refused here, so the
+        last good checkpoint stays last.pt (the loss is computed before the update and cannot tell)."""
+        state = self.state_dict()
+        bad = non_finite_entries(state)
+        if self.ctx.any(torch.tensor(bool(bad), device=self.run.device)):
+            ckpt = self.run.checkpoint_path
+            kept = f"last good checkpoint kept at {ckpt}" if ckpt.exists() else "no checkpoint was written"
+            raise TrainingDiverged(f"non-finite weights after step {self.step} ({', '.join(bad[:3]) or 'another rank'}"
+                                   f"); nothing saved ({kept}); try a lower train.lr or train.grad_clip")
         if self.ctx.is_main:
-            save_atomic(self.state_dict(), self.run.checkpoint_path, keep_previous=self.run.run_dir / PREVIOUS)
+            save_atomic(state, self.run.checkpoint_path, keep_previous=self.run.run_dir / PREVIOUS)
         self.ctx.barrier()
         self.saved_step = self.step
         self.save_timer.reset()
