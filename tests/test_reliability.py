@@ -553,3 +553,33 @@ def test_a_checkpoint_with_non_finite_weights_is_skipped_like_an_unreadable_one(
     status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.steps=6")
     assert status == 0, err
     assert list((run / "checkpoints").glob("last.unreadable-*.pt")) and load(run / LAST)["step"] == 6
+
+
+# ------------------------------------------------------------------ paths a user names (issue 27, principle 5)
+
+
+@pytest.mark.parametrize("target", ["eval.json", "config.yaml", "checkpoints/last.pt", "metrics.jsonl",
+                                    "evals/x.png", "../run/eval.json", "sample.png"])
+def test_sample_never_writes_over_a_runs_own_records(trained, capsys, target):
+    path, run = trained
+    before = snapshot(run)
+    status, _, err = run_cli(capsys, "sample", run, "--num", "4", "--out", run / target)
+    assert_one_line_error(status, err, "--out", "inside the run folder", "samples/", notices=True)
+    assert snapshot(run) == before
+    status, _, err = run_cli(capsys, "sample", run, "--num", "4", "--out", run / "samples" / "mine.png")
+    assert status == 0, err
+    assert (run / "samples" / "mine.png").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "", "x" * 101])
+def test_a_variant_name_that_would_leave_the_runs_folder_is_refused(tmp_path, capsys, name):
+    config = tiny_config(ablations=[{"name": name, "set": {"train.lr": 0.01}}])
+    path = write_experiment(tmp_path, config)
+    status, _, err = run_cli(capsys, "sweep", path, "--runs-dir", tmp_path / "runs")
+    assert_one_line_error(status, err, "ablations[0].name", "becomes a folder")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
+
+
+def test_sweep_status_of_a_folder_that_is_not_a_sweep_is_an_error(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "sweep", "--status", tmp_path)
+    assert_one_line_error(status, err, "--status", "holds no sweep")

@@ -152,12 +152,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     per_example = bytes_per_example(run.ema, tuple(run.data.shape), built.device)
     check_batch_fits("--num", num, per_example, built.device, str(run.path), factor=1.5)
     out = Path(args.out) if args.out else run.path / "samples" / "sample.png"
+    trajectories = run.path / "samples" / "trajectories.png" if args.out is None else \
+        Path(args.out).with_name(f"{Path(args.out).stem}_trajectories.png")
+    for path in (out, trajectories) if args.trajectories else (out,):
+        outside_records(run.path, path)
     print(built.save_samples(out, num=num, lam=lam, sampler=args.sampler, steps=steps, seed=args.seed))
     if args.trajectories:
-        path = run.path / "samples" / "trajectories.png" if args.out is None else \
-            Path(args.out).with_name(f"{Path(args.out).stem}_trajectories.png")
-        print(built.save_trajectories(path, num=num, steps=steps, seed=args.seed))
+        print(built.save_trajectories(trajectories, num=num, steps=steps, seed=args.seed))
     return 0
+
+
+def outside_records(run_dir: Path, path: Path) -> None:
+    """A path the user names may lie inside a run folder only under its samples/ (nothing of the run's own
+    records, config.yaml, eval.json, checkpoints, metrics, evals/, is ever replaced by a picture)."""
+    run_dir, target = run_dir.resolve(), path.resolve()
+    if target.is_relative_to(run_dir) and not target.is_relative_to(run_dir / "samples"):
+        raise SdeflowError(f"--out: {path} lies inside the run folder {run_dir} but outside its samples/ folder, "
+                           "where the run's own records are; write it under samples/ or outside the run")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -165,7 +176,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not Path(args.status).is_dir():
             raise SdeflowError(f"--status: {args.status} is not a folder of sweep runs")
         rows = status_rows(Path(args.status))
-        width = max(len(n) for n, _ in rows) if rows else 0
+        if not rows:
+            raise SdeflowError(f"--status: {args.status} holds no sweep (no sweep.json and no run folders with a "
+                               "config.yaml)")
+        width = max(len(n) for n, _ in rows)
         print("\n".join(f"{name:<{width}}  {state}" for name, state in rows))
         return 0
     if args.summary:

@@ -7,6 +7,7 @@ grid values, and the command line's ``key=value`` overrides (the user's last wor
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ class Variant:
     exp: Experiment | None = None
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+"""A variant's name, which becomes the name of its run folder inside the runs folder."""
+
+
 def _label(value: Any) -> str:
     return str(value).replace("/", "_").replace(" ", "")
 
@@ -40,6 +45,9 @@ def expand(data: Mapping[str, Any], source: str) -> list[Variant]:
     for i, item in enumerate(data.get("ablations") or []):
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
             raise ConfigError(f"{source}: ablations[{i}]: expected {{name: ..., set: {{key: value}}}}, got {item!r}")
+        if not VARIANT_NAME.fullmatch(item["name"]) or item["name"] in (".", ".."):
+            raise ConfigError(f"{source}: ablations[{i}].name: {item['name']!r} becomes a folder of the runs folder; "
+                              "expected letters, digits, '.', '_' or '-' (no '/', no '..')")
         changes = item.get("set") or {}
         if not isinstance(changes, Mapping):
             raise ConfigError(f"{source}: ablations[{i}].set: expected a mapping of dotted keys, got {changes!r}")
