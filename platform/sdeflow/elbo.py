@@ -219,11 +219,10 @@ def dsm_elbo(
     """ELBO(x) = E log p_T + ½ D log(σ²(T)/σ²(t_ε)) − ∫_{t_ε}^T E[r ℓ] − ∫_0^{t_ε} E[½‖a‖² + ∇·μ] (MATH.md §9).
 
     Same bound as :func:`elbo` (and the same bound's head, MATH.md §15). Above t_ε a draw costs one network
-    evaluation and a first-order gradient
-    (no divergence, no probe); only the few draws below t_ε take the §5 integrand with a Hutchinson
-    probe. Every draw goes through the network at once, the ones below t_ε at t_ε (a finite value that
-    is then replaced), so a training step has one static shape. ``create_graph``: differentiable, for
-    training (the ``elbo`` loss with ``form: denoising``).
+    evaluation and a first-order gradient (no divergence, no probe); only the few draws below t_ε take the
+    §5 integrand with a Hutchinson probe. Every draw goes through the network at once, the ones below t_ε
+    at t_ε (a finite value that is then replaced), so a training step has one static shape.
+    ``create_graph``: differentiable, for training (the ``elbo`` loss with ``form: denoising``).
     """
     check_probe(probe)
     view, start, head = entered(model, x, generator)
