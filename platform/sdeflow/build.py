@@ -171,22 +171,24 @@ def build_bound(exp: Experiment, data: DataBundle) -> Bound:
     return make_bound(exp.bound, data.transform, data.levels)
 
 
-def build_space(exp: Experiment, data: DataBundle, sde: SDE, registry: Registry | None = None) -> ModelSpace:
-    """How data reach model space under the experiment's bound: the experiment's dequantizer (built for the
-    data's shape, its initial parameters from the seed alone) when the data are discrete and the bound is
-    the paper's, the bound's own otherwise; then the data set's transform."""
+def build_space(exp: Experiment, data: DataBundle, bound: Bound, sde: SDE, registry: Registry | None = None
+                ) -> ModelSpace:
+    """How data reach model space under ``bound`` (the experiment's, from :func:`build_bound`): the
+    experiment's dequantizer (built for the data's shape, its initial parameters from the seed alone) when
+    the data are discrete and the bound is the paper's, the bound's own otherwise; then the data set's
+    transform."""
     spec = exp.components["dequantizer"]
     if data.levels is None and spec != COMPONENT_DEFAULTS["dequantizer"]:
         raise ConfigError(f"{exp.source}: dequantizer: {exp.describe('dequantizer')} needs discrete data, but "
                           f"data '{exp.components['data']['name']}' is continuous (its DataBundle has no levels); "
                           "remove the dequantizer section")
     dequantizer = None
-    if data.levels is not None and exp.bound == "paper":
+    if data.levels is not None and not bound.from_t_eps:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(exp.seed, "dequantizer"))
             dequantizer = build_component(registry or default_registry(), exp, "dequantizer",
                                           data_shape=tuple(data.shape))
-    return build_bound(exp, data).space(data.transform, data.levels, dequantizer, sde)
+    return bound.space(data.transform, data.levels, dequantizer, sde)
 
 
 def check_bound(exp: Experiment, registry: Registry) -> None:

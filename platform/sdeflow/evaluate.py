@@ -166,7 +166,7 @@ def repeated(estimate, model, space: ModelSpace, x: Tensor, first: tuple[Tensor,
     the mean of log p(x̃_k) − log q(u_k | x) (each a bound; so is their mean), or their log-mean-exp
     (``combine: logmeanexp``, the importance-weighted bound over the dequantization draws of i-DODE and
     MuLAN, valid when each log p(x̃_k) is exact, as the ODE's is up to its tolerance and probe)."""
-    z0, log_det0, log_q0 = first
+    _, log_det0, log_q0 = first
     draws = []
     for k in range(estimate.repeats):
         z, log_det, log_q = first if k == 0 else space(x, generator=data_generator(k))

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import torch
 
-from .bounds import BOUND_NAMES
+from .bounds import BOUND_NAMES, Bound
 from .build import (
     Parts,
     build_bound,
@@ -82,15 +82,14 @@ class Run:
         estimators = self.estimators(estimator or cfg.estimator, time_sampler, samples)
         batch_size = cfg.batch_size if batch_size is None else batch_size
         max_examples = max_examples if max_examples is not None else cfg.max_examples
-        space, spec, exp = self.space(dequantizer, bound)
+        space, spec, used = self.space(dequantizer, bound)
         self.ema.eval()
         own_bound = self.ema.bound
         try:
-            self.ema.bound = build_bound(exp, self.data) if exp.bound != self.exp.bound else own_bound
+            self.ema.bound = used
             results = evaluate(self.ema, self.data, estimators, batch_size=batch_size, seed=self.exp.seed,
                                device=self.device, ctx=self.ctx, split=split, max_examples=max_examples,
                                pilot_examples=cfg.pilot_examples, space=space)
-            bound_protocol = self.ema.bound.protocol()
         finally:
             self.ema.bound = own_bound
         # The headline is the experiment's own evaluation (its eval settings: examples, K, time sampler,
@@ -98,16 +97,16 @@ class Run:
         # beside it, never in its place.
         own_dequantizer = spec == self.exp.components["dequantizer"]
         own = (max_examples == cfg.max_examples and batch_size == cfg.batch_size and own_dequantizer
-               and exp.bound == self.exp.bound
+               and used.name == self.exp.bound
                and samples in (None, cfg.samples_per_example) and time_sampler in (None, cfg.time_sampler))
         for name, result in results.items():
             result["full"] = own
-            deq = spec if exp.bound == "paper" else {"name": f"matched_truncated_normal (bound: {exp.bound})"}
-            result["protocol"] = {"weights": "ema", **bound_protocol, **space.protocol(deq),
+            deq = spec if not used.from_t_eps else {"name": f"matched_truncated_normal (bound: {used.name})"}
+            result["protocol"] = {"weights": "ema", **used.protocol(), **space.protocol(deq),
                                   "se": "std of per-example bpd / sqrt(n)"}
             estimate = estimators.get(name)
             result["settings"] = {**getattr(estimate, "settings", {}), "batch_size": batch_size,
-                                  "max_examples": max_examples, "bound": exp.bound}
+                                  "max_examples": max_examples, "bound": used.name}
             if not own_dequantizer:
                 result["settings"]["dequantizer"] = spec
             if getattr(estimate, "nfe", None):  # ODE solves: report their cost
@@ -117,10 +116,9 @@ class Run:
         return results
 
     def space(self, dequantizer: str | dict[str, Any] | None = None, bound: str | None = None
-              ) -> tuple[ModelSpace, dict[str, Any], Experiment]:
-        """(the EMA's way from data to model space, the dequantizer's spec, the experiment with both): the
-        experiment's own, or the one ``dequantizer`` and ``bound`` name (checked like the experiment's
-        sections, built fresh)."""
+              ) -> tuple[ModelSpace, dict[str, Any], Bound]:
+        """(the EMA's way from data to model space, the dequantizer's spec, the bound): the experiment's own,
+        or the ones ``dequantizer`` and ``bound`` name (checked like the experiment's sections, built fresh)."""
         own = self.exp.components["dequantizer"]
         spec = own if dequantizer is None else check_component(self.registry, "dequantizer", dequantizer,
                                                                 "--dequantizer")
@@ -128,13 +126,14 @@ class Run:
             raise ConfigError(f"--bound: unknown bound {bound!r}; expected one of {', '.join(BOUND_NAMES)}")
         bound = self.exp.bound if bound is None else bound
         if spec == own and bound == self.exp.bound:
-            return self.ema_objective.space, own, self.exp
+            return self.ema_objective.space, own, self.ema.bound
         if bound != "paper" and dequantizer is None:
             spec = COMPONENT_DEFAULTS["dequantizer"]  # the other bound pays for [0, t_eps] its own way
         exp = attrs.evolve(self.exp, components={**self.exp.components, "dequantizer": spec}, bound=bound,
                            source="--bound" if dequantizer is None else "--dequantizer")
         check_bound(exp, self.registry)
-        return build_space(exp, self.data, self.ema.sde, self.registry).to(self.device), spec, exp
+        built = build_bound(exp, self.data) if bound != self.exp.bound else self.ema.bound
+        return build_space(exp, self.data, built, self.ema.sde, self.registry).to(self.device), spec, built
 
     def estimators(self, which: str, time_sampler: str | None = None, samples: int | None = None) -> dict:
         """The estimators named in ``which`` (comma-separated), each with its ``settings``."""
@@ -200,7 +199,7 @@ def build_run(exp: Experiment, run_dir: str | Path, *, registry: Registry | None
     torch.manual_seed(exp.seed)  # identical initial weights on every rank and every restart
     model = build_model(exp, parts.sde, data.shape, registry)
     model.bound = build_bound(exp, data)
-    space = build_space(exp, data, model.sde, registry)
+    space = build_space(exp, data, model.bound, model.sde, registry)
     check_trainable(exp, {"sde": model.sde, "parameterization": model.parameterization, "network": model.network,
                           "loss": parts.loss, "time_sampler": parts.time_sampler, "dequantizer": space.dequantizer})
     objective = Objective(model, parts.loss, parts.time_sampler, space).to(device)
