@@ -22,9 +22,10 @@ def test_dotted_overrides_set_run_settings_and_component_arguments(tmp_path):
     path = write_experiment(tmp_path)
     exp = load_experiment(path, ["train.steps=5", "sde.beta_max=10", "time_sampler.name=debiased"])
     assert exp.train.steps == 5
-    assert exp.components["sde"] == {"name": "vp", "beta_min": 0.1, "beta_max": 10.0}
-    assert exp.components["time_sampler"] == {"name": "debiased"}
-    assert exp.args("sde") == {"beta_min": 0.1, "beta_max": 10.0}
+    # every argument the factory takes, given or defaulted: the effective values config.yaml records
+    assert exp.components["sde"] == {"name": "vp", "beta_min": 0.1, "beta_max": 10.0, "T": 1.0, "t_eps": 1e-3}
+    assert exp.components["time_sampler"]["name"] == "debiased"
+    assert exp.args("sde") == {"beta_min": 0.1, "beta_max": 10.0, "T": 1.0, "t_eps": 1e-3}
 
 
 def test_loss_override_on_a_yaml_without_a_loss_section_keeps_the_default_loss(tmp_path):
@@ -57,9 +58,9 @@ def test_omitted_components_get_their_defaults_and_the_name_defaults_to_the_file
     del config["name"], config["sde"], config["sampler"]
     exp = load_experiment(write_experiment(tmp_path, config, filename="little.yaml"))
     assert exp.name == "little"
-    assert exp.components["sde"] == {"name": "vp"}
+    assert exp.components["sde"] == {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "T": 1.0, "t_eps": 1e-3}
     assert exp.components["parameterization"] == {"name": "drift"}
-    assert exp.components["sampler"] == {"name": "euler_maruyama"}
+    assert exp.components["sampler"] == {"name": "euler_maruyama", "steps": 500, "lam": 0.0}
 
 
 def test_to_dict_round_trips_through_structure(tmp_path):
@@ -160,8 +161,10 @@ def test_check_prints_the_resolved_config_and_loads_no_data(tmp_path, capsys):
     status, out, err = run_cli(capsys, "check", path, "train.steps=7")
     assert status == 0, err
     resolved = yaml.safe_load(out)
-    assert resolved["data"] == {"name": "mnist", "root": str(root)}
+    assert resolved["data"] == {"name": "mnist", "root": str(root), "download": True, "logit_alpha": 0.05,
+                                "n_val": 5000, "split_seed": 0, "affine": False}
     assert resolved["train"]["steps"] == 7
-    assert resolved["loss"] == {"name": "dsm"} and resolved["parameterization"] == {"name": "drift"}
+    assert resolved["loss"] == {"name": "dsm", "weighting": "sigma2"}
+    assert resolved["parameterization"] == {"name": "drift"}
     assert resolved["eval"]["batch_size"] == 64 and "probe" in resolved["eval"]
     assert not root.exists()  # nothing was downloaded, nothing was opened

@@ -56,6 +56,29 @@ def test_the_kernel_builds_here_and_is_cached(tmp_path):
     assert fused.load_kernel() is not None
 
 
+@pytest.mark.parametrize("damage", ["truncated", "zeroed tail", "digest missing"])
+def test_a_damaged_cached_kernel_is_rebuilt_with_one_line_not_loaded(tmp_path, capsys, damage):
+    """A truncated shared library can map without error and crash with SIGBUS when its code runs:
+    the cache is checked against the digest its build wrote, and rebuilt when it does not match."""
+    library = fused.build_library()
+    good = library.read_bytes()
+    if damage == "truncated":
+        library.write_bytes(good[: len(good) // 2])
+    elif damage == "zeroed tail":
+        library.write_bytes(good[: len(good) // 2] + bytes(len(good) - len(good) // 2))
+    else:
+        library.with_suffix(".sha256").unlink()
+    capsys.readouterr()
+    assert fused.build_library() == library
+    assert library.read_bytes() == good or fused._intact(library)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged" in err[0] and str(library) in err[0]
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    norm = torch.nn.GroupNorm(4, 8)
+    assert fused.load_kernel() is not None
+    torch.testing.assert_close(fused.group_norm_silu(x, norm), F.silu(norm(x)), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "shape",
     [(8, 32, 28, 28), (4, 64, 14, 14), (3, 96, 9, 7), (2, 128, 7, 7), (1, 64, 5, 3), (5, 64, 1, 3)],

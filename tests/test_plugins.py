@@ -388,6 +388,14 @@ class EveryKind:
     def sdeflow_register_metrics(self, register):
         register("every_metric", Dummy)
 
+    @hookimpl
+    def sdeflow_register_optimizers(self, register):
+        register("every_optimizer", lambda params, lr, momentum=0.0: Dummy())
+
+    @hookimpl
+    def sdeflow_register_lr_schedules(self, register):
+        register("every_lr_schedule", lambda steps, warmup_steps=0: Dummy())
+
 
 def test_a_plugin_can_implement_every_hook():
     registry, messages = discover(("every", EveryKind()), entry_points=False)
@@ -400,6 +408,8 @@ def test_a_plugin_can_implement_every_hook():
     assert list(registry.get("parameterization", "every_parameterization").arguments) == ["scale"]
     assert list(registry.get("dequantizer", "every_dequantizer").arguments) == ["bins"]
     assert list(registry.get("estimator", "every_estimator").arguments) == ["order"]  # the eval settings injected
+    assert list(registry.get("optimizer", "every_optimizer").arguments) == ["momentum"]  # params, lr injected
+    assert list(registry.get("lr_schedule", "every_lr_schedule").arguments) == ["warmup_steps"]  # steps injected
 
 
 HOOK_SPECS = sorted(name for name in vars(hookspecs) if name.startswith("sdeflow_register_"))

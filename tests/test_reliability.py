@@ -54,7 +54,7 @@ def trained(tmp_path, capsys):
 
 
 def test_a_second_trainer_on_a_busy_run_folder_fails_at_once_naming_the_holder(tmp_path, capsys):
-    path = write_experiment(tmp_path, tiny_config(train={"steps": 200_000, "log_every": 1000,
+    path = write_experiment(tmp_path, tiny_config(train={"steps": 200_000, "log_every": 100,
                                                          "checkpoint_every": 1000}))
     run = tmp_path / "run"
     first = sdeflow_process("train", path, "--run-dir", run)
@@ -462,8 +462,8 @@ def test_a_change_without_any_checkpoint_is_announced_not_refused(tmp_path, caps
     path = write_experiment(tmp_path, tiny_config(train={"checkpoint_every": 0}))
     run = tmp_path / "run"
     assert run_cli(capsys, "train", path, "--run-dir", run)[0] == 0
-    for name in ("last.pt", "previous.pt"):
-        (run / "checkpoints" / name).unlink(missing_ok=True)  # as if the first step had run out of memory
+    for name in ("checkpoints/last.pt", "checkpoints/previous.pt", "metrics.jsonl", "eval.json"):
+        (run / name).unlink(missing_ok=True)  # as if the first step had run out of memory: config.yaml alone
     status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.batch_size=16")
     assert status == 0 and "train.batch_size changed on resume: 32 → 16" in err
 

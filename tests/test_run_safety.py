@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from helpers_exp import assert_one_line_error, losses, run_cli, snapshot, tiny_config, write_experiment
 from sdeflow.checkpoint import derive_seed
 from sdeflow.runlog import read_metrics
-from sdeflow.trainer import step_seed
+from sdeflow.trainer import Trainer, step_seed
 
 
 def test_lambda_features_need_a_lambda_family_sampler(tmp_path, capsys):
@@ -45,11 +47,18 @@ def test_non_positive_counts_on_the_command_line_are_refused_before_anything_is_
     assert snapshot(run) == before
 
 
-def test_a_crash_before_the_first_checkpoint_leaves_no_stale_metrics(tmp_path, capsys):
+class Died(BaseException):
+    """The process ends here (a kill, an out-of-memory), as no handler catches it."""
+
+
+def test_a_crash_before_the_first_checkpoint_leaves_no_stale_metrics(tmp_path, capsys, monkeypatch):
     path = write_experiment(tmp_path, tiny_config(train={"checkpoint_every": 0}))
     run = tmp_path / "run"
-    assert run_cli(capsys, "train", path, "--run-dir", run)[0] == 0
-    shutil.rmtree(run / "checkpoints")  # as if the process had died before writing any checkpoint
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save", lambda self: (_ for _ in ()).throw(Died()))  # dies as it would save
+        with pytest.raises(Died):
+            run_cli(capsys, "train", path, "--run-dir", run)
+    assert [step for step, _ in losses(run)] == [1, 2, 3, 4] and not (run / "checkpoints").exists()
     assert run_cli(capsys, "train", path, "--run-dir", run)[0] == 0
     steps = [step for step, _ in losses(run)]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # one run's records, not two interleaved

@@ -53,7 +53,9 @@ def test_a_tiny_run_writes_config_metrics_checkpoint_samples_eval_and_tensorboar
     results = train(exp, run_dir)
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["network"] == {"name": "mlp", "hidden": 16, "depth": 1}
+    assert config["sdeflow"]["config"] == 2  # the header of a complete config.yaml: read strictly
+    assert config["network"] == {"name": "mlp", "hidden": 16, "depth": 1, "embed_dim": 64, "time_scale": 999.0,
+                                 "fourier_features": None}  # every argument, given or defaulted
     assert config["plugins"]["sde"]["plugin"] and "version" in config["plugins"]["sde"]
     assert set(config["plugins"]) >= {"data", "sde", "network", "loss", "sampler"}
 

@@ -122,7 +122,7 @@ def test_mean_and_standard_error():
     mean, se = mean_and_se(torch.tensor([1.0, 2.0, 3.0, 6.0]))
     assert mean == 3.0
     assert se == pytest.approx(math.sqrt(14 / 3) / 2)
-    assert mean_and_se(torch.tensor([5.0])) == (5.0, 0.0)
+    assert mean_and_se(torch.tensor([5.0])) == (5.0, None)  # one example: the s.e. is undefined, not 0
 
 
 @pytest.mark.parametrize("alpha", [0.5, -0.1])

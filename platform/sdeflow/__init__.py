@@ -7,8 +7,6 @@ From Python (a notebook, a script), the API is :func:`experiment`, :func:`compon
 :func:`open_run` and the :class:`Run` they give (see README, "Python").
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from .api import Run, component, experiment, open_run, train
 from .hookspecs import hookimpl
 from .interfaces import (
@@ -22,11 +20,9 @@ from .interfaces import (
     TimeSampler,
 )
 from .model import DiffusionModel
+from .runfolder import installed_version
 
-try:
-    __version__ = version("sdeflow")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+__version__ = installed_version()
 
 __all__ = [
     "SDE",

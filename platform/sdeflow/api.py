@@ -139,7 +139,8 @@ class Run:
 
     @property
     def path(self) -> Path:
-        return self._run.run_dir
+        """The run folder: where its records are written (followed if ``train --restart`` moves it aside)."""
+        return self._run.records_dir()
 
     @property
     def exp(self) -> Experiment:
@@ -304,7 +305,7 @@ class Run:
         evals = [r for r in records if "bpd" in r]
         if evals:
             steps = [r["step"] for r in evals]
-            bpd.errorbar(steps, [r["bpd"] for r in evals], yerr=[r.get("bpd_se", 0.0) for r in evals],
+            bpd.errorbar(steps, [r["bpd"] for r in evals], yerr=[r.get("bpd_se") or 0.0 for r in evals],
                          marker="o", capsize=3)
         bpd.set_xlabel("step")
         bpd.set_ylabel(f"{evals[0].get('split', 'val') if evals else 'val'} bits per dimension (±1 s.e.)")

@@ -1,6 +1,11 @@
-"""Compose an experiment's components from the registry: SDE, network, parameterization → model."""
+"""Compose an experiment's components from the registry: SDE, network, parameterization → model; the
+optimizer over the trainable parameter groups and its learning-rate schedule."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -9,12 +14,13 @@ from .bounds import Bound, make_bound
 from .checkpoint import derive_seed
 from .config import COMPONENT_DEFAULTS, Experiment, build_component
 from .elbo import require_linear_drift
-from .errors import ConfigError, InvalidArgument
+from .errors import ConfigError, InvalidArgument, PluginError
 from .estimators import needs_linear_drift, parse_estimators
 from .interfaces import SDE, DataBundle, Loss, Sampler, TimeSampler
 from .likelihood import check_method
 from .model import DiffusionModel
 from .objective import check_trainable
+from .optim import LRSchedule
 from .quality import parse_metrics
 from .registry import Registry, default_registry
 from .transforms import ModelSpace
@@ -68,6 +74,7 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
         raise ConfigError(f"{exp.source}: seed: must be in [0, 2**63), got {exp.seed}")
     if not (t.lr > 0):
         raise ConfigError(f"{exp.source}: train.lr: must be positive, got {t.lr}")
+    check_accumulate(exp)
     if not (0 <= t.ema < 1):
         raise ConfigError(f"{exp.source}: train.ema: must be in [0, 1), got {t.ema}")
     if exp.sample.lam is not None and not 0 <= exp.sample.lam <= 1:
@@ -89,6 +96,8 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: eval.ode_method: {e.message}") from None
     check_bound(exp, registry or default_registry())
+    check_optimization(exp, registry or default_registry())
+    check_model(exp, parts.sde, registry or default_registry())
     check_trainable(exp, {"sde": parts.sde, "loss": parts.loss, "time_sampler": parts.time_sampler})
     try:
         getattr(parts.loss, "check_sde", lambda sde: None)(parts.sde)
@@ -102,6 +111,70 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
     except InvalidArgument as e:
         raise ConfigError(f"{exp.source}: eval.{e.argument}: {e.message}") from None
     return parts
+
+
+def data_shape(exp: Experiment, registry: Registry) -> tuple[int, ...] | None:
+    """The data's shape as its plugin declares it without loading anything (an optional ``shape``
+    attribute of the factory, called with the data section's arguments); None when it declares none."""
+    component = registry.get("data", exp.components["data"]["name"])
+    shape = getattr(component.factory, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(n) for n in shape(**exp.args("data")))
+    except InvalidArgument as e:
+        raise ConfigError(f"{exp.source}: data.{e.argument}: {e.message}") from None
+
+
+def check_model(exp: Experiment, sde: SDE, registry: Registry) -> None:
+    """Build network → parameterization on the meta device (no memory, no data), so every check their
+    factories make runs at ``sdeflow check`` as at ``train`` (a U-net's ``ch`` and ``num_groups``, ...).
+    Skipped when the data plugin declares no shape; a factory that cannot build on the meta device is
+    left to ``train``, which builds it for real."""
+    shape = data_shape(exp, registry)
+    if shape is None:
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        try:
+            build_model(exp, sde, shape, registry)
+        except PluginError:
+            return
+
+
+def check_accumulate(exp: Experiment, world: int = 1) -> None:
+    """``train.accumulate`` splits each rank's share of ``train.batch_size`` into equal micro-batches."""
+    t = exp.train
+    if t.accumulate < 1:
+        raise ConfigError(f"{exp.source}: train.accumulate: must be at least 1 (micro-batches per step), "
+                          f"got {t.accumulate}")
+    if t.accumulate > 1 and t.batch_size % (t.accumulate * world):
+        ranks = f" × {world} ranks" if world > 1 else ""
+        raise ConfigError(f"{exp.source}: train.accumulate: {t.accumulate}{ranks} does not divide train.batch_size "
+                          f"{t.batch_size} into equal micro-batches; pick a divisor of it")
+
+
+def build_optimizer(exp: Experiment, groups: Sequence[dict[str, Any]], registry: Registry | None = None
+                    ) -> torch.optim.Optimizer:
+    """The experiment's optimizer over ``groups`` (each with its base rate), given ``train.lr``."""
+    return build_component(registry or default_registry(), exp, "optimizer", params=list(groups), lr=exp.train.lr)
+
+
+def build_lr_schedule(exp: Experiment, registry: Registry | None = None) -> LRSchedule:
+    """The experiment's learning-rate schedule, told the run's length (``train.steps``)."""
+    return build_component(registry or default_registry(), exp, "lr_schedule", steps=exp.train.steps)
+
+
+def check_optimization(exp: Experiment, registry: Registry) -> None:
+    """The optimizer builds (on a stand-in parameter) and the schedule gives a finite factor ≥ 0 at the
+    first and last update, so bad values fail at ``sdeflow check`` naming their keys."""
+    stand_in = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": exp.train.lr}]
+    build_optimizer(exp, stand_in, registry)
+    schedule = build_lr_schedule(exp, registry)
+    for step in (0, exp.train.steps - 1):
+        factor = schedule(step)
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 0):
+            raise ConfigError(f"{exp.source}: lr_schedule: {exp.describe('lr_schedule')} gives the factor {factor!r} "
+                              f"at update {step}; a schedule's factor must be a finite number ≥ 0")
 
 
 ABSURD_LR = 1.0

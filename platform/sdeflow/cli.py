@@ -34,6 +34,9 @@ from .summary import status_rows, write_summary
 from .sweep import run_sweep
 from .trainer import default_run_dir, train
 
+EXIT_INTERNAL_ERROR = 1
+"""A bug of sdeflow or of a plugin (exit status 1); bad input exits with EXIT_USER_ERROR (2)."""
+
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
     """Left-aligned columns, two spaces apart."""
@@ -151,10 +154,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     lam = args.lam if args.lam is not None or args.sampler else cfg.lam
     per_example = bytes_per_example(run.ema, tuple(run.data.shape), built.device)
     check_batch_fits("--num", num, per_example, built.device, str(run.path), factor=1.5)
-    out = Path(args.out) if args.out else run.path / "samples" / "sample.png"
-    trajectories = run.path / "samples" / "trajectories.png" if args.out is None else \
-        Path(args.out).with_name(f"{Path(args.out).stem}_trajectories.png")
-    for path in (out, trajectories) if args.trajectories else (out,):
+    out = Path(args.out) if args.out else None  # None: the run's samples/, where the folder is once drawn
+    trajectories = None if out is None else out.with_name(f"{out.stem}_trajectories.png")
+    for path in (out, trajectories) if out is not None else ():
         outside_records(run.path, path)
     print(built.save_samples(out, num=num, lam=lam, sampler=args.sampler, steps=steps, seed=args.seed))
     if args.trajectories:
@@ -230,6 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdeflow: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of sdeflow or a plugin, never the input's: still one line
+        if args.debug:
+            raise
+        message = " ".join(str(e).split())[:200]
+        print(f"sdeflow: error: internal error ({type(e).__name__}: {message}); rerun with --debug for the "
+              "traceback, and please report it", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

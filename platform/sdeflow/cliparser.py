@@ -11,7 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import yaml
 
+from .errors import ConfigError
 from .hookspecs import KINDS
+from .yamlio import safe_load_capped
 
 EXIT_USER_ERROR = 2
 OVERRIDES_HELP = "dotted settings over the file's, e.g. sde.beta_max=10 train.steps=500 (checked like the file)"
@@ -92,9 +94,9 @@ def build_parser(commands: Mapping[str, Callable], version: str) -> argparse.Arg
 def component_spec(text: str):
     """A component's name, or a ``{name: ..., **args}`` mapping in YAML flow style."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f"not a name or a YAML mapping: {text!r}") from None
+        value = safe_load_capped(text, "component")
+    except (yaml.YAMLError, ConfigError):
+        raise argparse.ArgumentTypeError(f"not a name or a YAML mapping: {text[:80]!r}") from None
     if not isinstance(value, (str, dict)):
         raise argparse.ArgumentTypeError(f"expected a name or a {{name: ..., ...}} mapping, got {text!r}")
     return value

@@ -17,7 +17,7 @@ import yaml
 
 from .errors import ConfigError, InvalidArgument, PluginError, SdeflowError, did_you_mean
 from .registry import Component, Registry, default_registry
-from .schema import TypeMismatch, check_arguments, coerce, type_name
+from .schema import Argument, TypeMismatch, check_arguments, coerce, type_name
 from .yamlio import read_yaml, safe_load_capped
 
 
@@ -25,7 +25,8 @@ from .yamlio import read_yaml, safe_load_capped
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 128
-    lr: float = 1e-4
+    accumulate: int = 1  # micro-batches of batch_size/accumulate per step, gradients summed (same update)
+    lr: float = 1e-4  # the base rate the lr_schedule scales
     component_lr: dict[str, float] = attrs.field(factory=dict)  # {sde: 1e-3}: a trainable component's own rate
     ema: float = 0.999
     ema_warmup: bool = True
@@ -91,6 +92,8 @@ COMPONENT_DEFAULTS: dict[str, dict[str, Any] | None] = {
     "time_sampler": {"name": "uniform"},
     "sampler": {"name": "euler_maruyama"},
     "dequantizer": {"name": "uniform"},  # applied to discrete data only (DataBundle.levels)
+    "optimizer": {"name": "adam"},  # of every trainable parameter group, at train.lr (train.component_lr)
+    "lr_schedule": {"name": "constant"},  # the factor of each group's base rate at each update
 }
 TOP_LEVEL = {
     "name": str,
@@ -253,7 +256,8 @@ def structure_section(value: Any, cls: type, source: str, key: str) -> Any:
 
 def check_component(registry: Registry, kind: str, spec: Any, source: str, prefer: str | None = None
                     ) -> dict[str, Any]:
-    """Check a ``{name, **args}`` spec against the registered factory; returns the checked spec, its
+    """Check a ``{name, **args}`` spec against the registered factory; returns the checked spec with every
+    argument the factory takes (defaults filled in: the effective values, which config.yaml records), its
     name qualified (``plugin:name``) when two plugins register it and ``prefer`` picked one."""
     if spec is None:
         spec = COMPONENT_DEFAULTS[kind]
@@ -271,7 +275,30 @@ def check_component(registry: Registry, kind: str, spec: Any, source: str, prefe
     name = component.qualified_name if registry.is_ambiguous(kind, spec["name"]) else spec["name"]
     args = {k: v for k, v in spec.items() if k != "name"}
     checked = check_arguments(args, component.arguments, f"{source}: {kind}", f"{kind} '{spec['name']}'")
-    return {"name": name, **checked}
+    return {"name": name, **with_defaults(checked, component.arguments)}
+
+
+def with_defaults(given: Mapping[str, Any], arguments: Mapping[str, Argument]) -> dict[str, Any]:
+    """``given`` arguments with the defaults of the others, in the factory's order (a default that YAML
+    cannot hold, such as an object, is left to the factory)."""
+    out = {}
+    for name, argument in arguments.items():
+        if name in given:
+            out[name] = given[name]
+        elif not argument.required and is_plain(argument.default):
+            out[name] = _plain(argument.default)
+    return out
+
+
+def is_plain(value: Any) -> bool:
+    """Whether YAML writes ``value`` and reads it back as it was (tuples read back as lists)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False
 
 
 def build_component(registry: Registry, exp: Experiment, kind: str, **injected: Any) -> Any:

@@ -217,6 +217,10 @@ def _gather(ctx: DistContext, parts: list[Tensor], device, dtype: torch.dtype = 
     return ctx.gather(local)
 
 
+def _se(se: float | None) -> str:
+    return "n/a (one example)" if se is None else f"{se:.4f}"
+
+
 def format_results(results: dict[str, dict[str, float]], kind: str) -> str:
     """One line per estimator (bpd ± s.e., NLL, cost), after the dequantizer the bpd assumes, if any."""
     dequantizers = {r["protocol"]["dequantizer"]["name"] for r in results.values()
@@ -226,7 +230,7 @@ def format_results(results: dict[str, dict[str, float]], kind: str) -> str:
         if not isinstance(r, dict) or "bpd" not in r:
             continue
         unit = "bpd" if kind == "image" else "bits/dim"
-        line = (f"{name:>6}: {r['bpd']:.4f} ± {r['bpd_se']:.4f} {unit}   NLL {r['nats']:.4f} ± {r['nats_se']:.4f} "
+        line = (f"{name:>6}: {r['bpd']:.4f} ± {_se(r['bpd_se'])} {unit}   NLL {r['nats']:.4f} ± {_se(r['nats_se'])} "
                 "nats of the data")
         cost = f", {r['seconds']:.1f} s" if "seconds" in r else ""
         nfe = f", {r['nfe']:.0f} NFE/batch" if "nfe" in r else ""

@@ -73,6 +73,18 @@ def sdeflow_register_metrics(register: Register) -> None:
     factories of them, comparing samples with held-out data (``space: data``) or Inception statistics."""
 
 
+@hookspec
+def sdeflow_register_optimizers(register: Register) -> None:
+    """Register optimizers: factories ``(params, lr, **kwargs)`` of a ``torch.optim.Optimizer``, called with
+    the trainable parameter groups (each ``{"params": [...], "lr": base rate}``) and ``train.lr``."""
+
+
+@hookspec
+def sdeflow_register_lr_schedules(register: Register) -> None:
+    """Register learning-rate schedules: factories ``(steps, **kwargs)`` (``steps``: ``train.steps``) of an
+    :class:`sdeflow.optim.LRSchedule`, ``schedule(k)`` → the factor of every group's base rate at update k."""
+
+
 KINDS: dict[str, str] = {
     "sde": "sdeflow_register_sdes",
     "network": "sdeflow_register_networks",
@@ -84,6 +96,8 @@ KINDS: dict[str, str] = {
     "dequantizer": "sdeflow_register_dequantizers",
     "estimator": "sdeflow_register_estimators",
     "metric": "sdeflow_register_metrics",
+    "optimizer": "sdeflow_register_optimizers",
+    "lr_schedule": "sdeflow_register_lr_schedules",
 }
 """Component kind → the hook that registers it. Every kind but ``estimator`` and ``metric`` is an experiment
 YAML section; those two are named in the ``eval`` section (``eval.estimator``, ``eval.metrics``)."""

@@ -381,7 +381,9 @@ class DataBundle:
     is every training image as stored (no augmentation, val not held out), for FID and KID's
     reference statistics; None: ``train`` is used. ``levels`` is the number of values L of discrete
     data stored as x ∈ {0, …, L−1}/(L−1) (256 for 8-bit images): the experiment's dequantizer maps
-    them into their bins before ``transform``; None: continuous data, never dequantized.
+    them into their bins before ``transform``; None: continuous data, never dequantized. ``protocol``
+    describes the data set for eval.json's protocol (its name and version, whether it is a partial
+    copy, the split sizes, the train split's augmentations); None: nothing to add.
     """
 
     train: Any
@@ -394,6 +396,7 @@ class DataBundle:
     val: Any = None
     reference: Any = None
     levels: int | None = None
+    protocol: dict[str, Any] | None = None
 
     @property
     def planar(self) -> bool:

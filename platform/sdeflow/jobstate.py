@@ -33,10 +33,12 @@ def record_job(run_dir: Path, state: str, message: str, **extra: Any) -> None:
 
 
 def read_job_record(run_dir: Path) -> dict[str, Any]:
+    """job.json, or {} when it is missing or damaged (the state is then read from the run itself)."""
     try:
-        return json.loads((run_dir / JOB_FILE).read_text())
-    except (OSError, ValueError):
+        record = json.loads((run_dir / JOB_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    return record if isinstance(record, dict) and isinstance(record.get("state", ""), str) else {}
 
 
 def is_locked(run_dir: Path) -> bool:

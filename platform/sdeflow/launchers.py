@@ -24,6 +24,7 @@ from .config import structure_section
 from .errors import ConfigError, SdeflowError
 from .jobstate import one_line, read_job_record, record_job
 from .preemption import Preempted, StopRequests
+from .runfolder import RunBusy
 
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30
 """submitit's local executor kills a job after its timeout; a local variant may run for weeks."""
@@ -122,6 +123,8 @@ class VariantJob:
             finally:
                 if own:
                     shutdown(ctx)
+        except RunBusy as e:  # another controller runs this variant: its job.json is that job's to write
+            return {"variant": self.name, "state": "elsewhere", "message": one_line(e)}
         except Preempted as e:
             record_job(run_dir, "stopped", str(e), step=e.step)
             if self.requeue:

@@ -29,6 +29,8 @@ INJECTED: dict[str, tuple[str, ...]] = {
     "parameterization": ("network", "sde"),
     "dequantizer": ("data_shape",),
     "estimator": ("config", "time_sampler", "samples", "time_sampler_name"),
+    "optimizer": ("params", "lr"),
+    "lr_schedule": ("steps",),
 }
 """Arguments the kernel passes itself when building a component of that kind (not set in YAML)."""
 

@@ -34,7 +34,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .checkpoint import write_text_atomic
 from .errors import SdeflowError
+from .yamlio import read_json, read_utf8
 
 EVAL_FILE = "eval.json"
 EXAMPLES_DIR = "evals"
@@ -74,23 +75,82 @@ def result_key(split: str, estimator: str, settings: Mapping[str, Any], step: in
 
 
 def read_eval(run_dir: str | Path) -> dict[str, Any]:
-    """eval.json as a format-2 mapping (empty if absent; an older flat file is read as legacy entries)."""
+    """eval.json as a checked format-2 mapping (empty if absent; an older flat file is read as legacy
+    entries). A file that is damaged (bad JSON, wrong types, a format-2 file without its ``format``) is
+    a one-line error naming the file and the key: never read as something else, never overwritten."""
     path = Path(run_dir) / EVAL_FILE
     if not path.exists():
         return {"format": FORMAT, "results": {}}
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
-    except json.JSONDecodeError as e:
-        raise SdeflowError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
-                           "move it aside to re-evaluate") from None
+    data = read_json(path, "eval.json", ADVICE)
     if not isinstance(data, dict):
-        raise SdeflowError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    if data.get("format") == FORMAT:
-        return data
-    if "format" in data:
+        raise SdeflowError(f"{path}: expected a JSON object, got {type(data).__name__}; {ADVICE}")
+    if "format" not in data:
+        if any(key in data for key in ("results", "quality", *SPLITS)):
+            raise SdeflowError(f"{path}: format: missing from a format-{FORMAT} file (it has 'results' or a "
+                               f"split section); {ADVICE}")
+        return _from_legacy(data)
+    if not isinstance(data["format"], int) or isinstance(data["format"], bool):
+        raise SdeflowError(f"{path}: format: expected an integer, got {type(data['format']).__name__} "
+                           f"{str(data['format'])[:20]!r}; {ADVICE}")
+    if data["format"] != FORMAT:
         raise SdeflowError(f"{path}: eval.json format {data['format']!r}, but this sdeflow reads format "
                            f"{FORMAT}; upgrade sdeflow or move the file aside")
-    return _from_legacy(data)
+    check_eval(data, path)
+    return data
+
+
+ADVICE = "move it aside to re-evaluate"
+
+_NUMBER = (int, float)
+_ENTRY_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "bpd": (_NUMBER, "a finite number"), "nats": (_NUMBER, "a finite number"),
+    "bpd_se": (_NUMBER + (type(None),), "a number or null"), "nats_se": (_NUMBER + (type(None),), "a number or null"),
+    "n": ((int,), "an integer"), "step": ((int,), "an integer"), "split": ((str,), "a split name"),
+    "estimator": ((str,), "a string"), "key": ((str,), "a string"), "settings": ((dict,), "a mapping"),
+}
+_OPTIONAL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "per_example": ((str,), "a path relative to the run folder"), "protocol": ((dict,), "a mapping"),
+    "tail": ((dict,), "a mapping"), "full": ((bool,), "true or false"),
+}
+
+
+def check_eval(data: Mapping[str, Any], path: Path) -> None:
+    """Raise a one-line SdeflowError naming the first key of a format-2 eval.json with a wrong type."""
+    def fail(where: str, expected: str, value: Any) -> None:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:39] + "…"
+        raise SdeflowError(f"{path}: {where}: expected {expected}, got {type(value).__name__} {shown}; {ADVICE}")
+
+    if not isinstance(data.get("results"), dict):
+        fail("results", "a mapping of evaluations", data.get("results"))
+    for key, entry in data["results"].items():
+        _check_entry(entry, f"results.{key}", fail)
+    for split in SPLITS:
+        section = data.get(split, {})
+        if not isinstance(section, dict):
+            fail(split, "a mapping of estimator → result", section)
+        for estimator, entry in section.items():
+            _check_entry(entry, f"{split}.{estimator}", fail)
+    quality = data.get("quality", {})
+    if not isinstance(quality, dict) or not all(isinstance(q, dict) for q in quality.values()):
+        fail("quality", "a mapping of split → metric → value", quality)
+
+
+def _check_entry(entry: Any, where: str, fail: Callable[[str, str, Any], None]) -> None:
+    if not isinstance(entry, dict):
+        fail(where, "a result (a mapping with bpd, n, step, ...)", entry)
+    for fields, required in ((_ENTRY_FIELDS, True), (_OPTIONAL_FIELDS, False)):
+        for name, (types, expected) in fields.items():
+            if name not in entry:
+                if required:
+                    fail(f"{where}.{name}", expected, None)
+                continue
+            value = entry[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                fail(f"{where}.{name}", expected, value)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"{where}.{name}", expected, value)
+    if entry["split"] not in SPLITS:
+        fail(f"{where}.split", f"one of {', '.join(SPLITS)}", entry["split"])
 
 
 def _from_legacy(data: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +158,10 @@ def _from_legacy(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"format": FORMAT, "results": {}}
     for name, entry in data.items():
         if isinstance(entry, dict) and "bpd" in entry:
-            split, step = entry.get("split", "test"), int(entry.get("step") or 0)
+            split, step = entry.get("split", "test"), entry.get("step")
+            step = step if isinstance(step, int) and not isinstance(step, bool) else 0
+            if split not in SPLITS:
+                continue
             key = f"{split}.{name}.legacy.step{step}"
             out["results"][key] = {**entry, "estimator": name, "split": split, "step": step, "key": key,
                                    "full": True, "settings": {}}
@@ -121,7 +184,7 @@ def record(run_dir: str | Path, results: Mapping[str, Mapping[str, Any]], *, ste
         result = dict(result)
         examples = result.pop("examples", None)
         for name in ("bpd", "bpd_se", "nats", "nats_se"):
-            if not math.isfinite(result[name]):
+            if result[name] is not None and not math.isfinite(result[name]):  # an s.e. of one example: None
                 raise SdeflowError(f"{run_dir}: {estimator} on {result['split']} gave {name} = {result[name]}; "
                                    "nothing was recorded")
         settings = {**result.pop("settings", {}), "seed": seed}
@@ -195,12 +258,39 @@ def per_example(run_dir: str | Path, split: str = "test", estimator: str = "elbo
             raise SdeflowError(f"{run_dir}: no full {split} result for estimator '{estimator}' in {EVAL_FILE}")
     if "per_example" not in entry:
         raise SdeflowError(f"{run_dir}: the {entry.get('key')} result has no per-example record")
-    path = run_dir / entry["per_example"]
+    return read_examples(run_dir / entry["per_example"], entry.get("n"))
+
+
+def read_examples(path: Path, n: int | None = None) -> dict[str, Tensor]:
+    """{"index", "nats", "bpd"} of a per-example CSV; a damaged file (a missing, truncated or extra
+    row, a value that is not a finite number, ``n`` rows expected and another count found) is a
+    one-line error naming the file, the line and why."""
+    text = read_utf8(path, "per-example record", SdeflowError)
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or rows[0] != ["index", "nats", "bpd"]:
+        found = ",".join(rows[0])[:40] if rows else "an empty file"
+        raise SdeflowError(f"{path}: expected the header index,nats,bpd, got {found}")
+    columns: tuple[list[int], list[float], list[float]] = ([], [], [])
+    for line, row in enumerate(rows[1:], start=2):
+        columns[0].append(_cell(path, line, row, 0, int))
+        columns[1].append(_cell(path, line, row, 1, float))
+        columns[2].append(_cell(path, line, row, 2, float))
+    if n is not None and len(columns[0]) != n:
+        raise SdeflowError(f"{path}: {len(columns[0])} rows, but its eval.json entry has n = {n} (truncated?)")
+    return {"index": torch.tensor(columns[0], dtype=torch.long),
+            "nats": torch.tensor(columns[1], dtype=torch.float64),
+            "bpd": torch.tensor(columns[2], dtype=torch.float64)}
+
+
+def _cell(path: Path, line: int, row: list[str], column: int, kind: type) -> Any:
+    """One value of a per-example row, checked: there, of its type, finite."""
+    name = ("index", "nats", "bpd")[column]
+    if len(row) != 3:
+        raise SdeflowError(f"{path}: line {line}: expected 3 values (index,nats,bpd), got {len(row)} (truncated?)")
     try:
-        rows = list(csv.reader(path.read_text().splitlines()))[1:]
-    except OSError as e:
-        raise SdeflowError(f"{path}: cannot read per-example record ({e.strerror})") from None
-    columns = list(zip(*rows)) if rows else [(), (), ()]
-    return {"index": torch.tensor([int(v) for v in columns[0]], dtype=torch.long),
-            "nats": torch.tensor([float(v) for v in columns[1]], dtype=torch.float64),
-            "bpd": torch.tensor([float(v) for v in columns[2]], dtype=torch.float64)}
+        value = kind(row[column])
+    except ValueError:
+        value = None
+    if value is None or (kind is float and not math.isfinite(value)):
+        raise SdeflowError(f"{path}: line {line}: {name} is {row[column][:30]!r}, expected a finite number")
+    return value

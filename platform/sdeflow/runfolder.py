@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import os
 import socket
 import sys
@@ -21,14 +22,22 @@ from .checkpoint import UnreadableCheckpoint, load, non_finite_entries, remove_s
 from .config import Experiment, read_yaml, structure
 from .errors import ConfigError, SdeflowError
 from .registry import Registry
-from .runlog import flatten
+from .results import EVAL_FILE
+from .runlog import flatten, read_metrics
 
 CONFIG_FILE = "config.yaml"
 LAST = Path("checkpoints") / "last.pt"
 PREVIOUS = Path("checkpoints") / "previous.pt"
 LOCK_FILE = ".lock"
-RECORDS = ("plugins", "history")
+RECORDS = ("sdeflow", "plugins", "history")
 """Keys of config.yaml that record the run rather than configure it."""
+COMPLETE = 2
+"""``sdeflow.config`` of a config.yaml that holds every effective setting (sdeflow > 0.1): read strictly.
+Without it (older runs), a setting the file does not hold takes today's default, and that is said."""
+
+
+class DamagedConfig(ConfigError):
+    """A run's complete config.yaml lacks a setting (cut short, edited): never filled with defaults."""
 
 
 class RunBusy(SdeflowError):
@@ -108,6 +117,50 @@ def recorded_plugins(run_dir: str | Path) -> dict[str, str]:
 
 
 
+class FolderGone(SdeflowError):
+    """The run folder a command read was deleted or replaced before it could record its result."""
+
+
+class PinnedFolder:
+    """A run folder followed by identity, not by name: a command that reads a run (eval, sample) records
+    into that folder wherever it is now, since ``train --restart`` may move it aside meanwhile and
+    start a new run under the old name. Linux names an open folder's current path in /proc; elsewhere
+    the folder must still be at its path."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.resolved = self.path.resolve()
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        self.moved_to: Path | None = None
+
+    def now(self) -> Path:
+        """The folder's path now (its original name while it has not moved)."""
+        try:
+            where = Path(os.readlink(f"/proc/self/fd/{self.fd}"))
+        except OSError:
+            where = self.resolved
+        if not self._is_ours(where):
+            raise FolderGone(f"{self.path}: the run folder was deleted or replaced while this command read it; "
+                             "nothing was recorded")
+        if where == self.resolved:
+            return self.path
+        if where != self.moved_to:
+            say(f"{self.path} was moved to {where} while this command ran (train --restart?); its records go there")
+            self.moved_to = where
+        return where
+
+    def _is_ours(self, where: Path) -> bool:
+        try:
+            here, ours = os.stat(where), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self.fd)
+
+
 def say(message: str) -> None:
     print(f"sdeflow: {message}", file=sys.stderr)
 
@@ -145,6 +198,22 @@ def restore(run_dir: Path, apply: Callable[[dict[str, Any]], None], notice: Call
     if problems:
         raise UnreadableCheckpoint(f"{'; '.join(text for _, text in problems)}; no usable checkpoint is left: "
                                    "--restart moves this run aside and starts afresh")
+    orphaned = records_of_weights(run_dir)
+    if orphaned:
+        raise UnreadableCheckpoint(f"{run_dir}: {orphaned}, but no checkpoint (not saved yet, or checkpoints/ "
+                                   "deleted?); training from step 0 here would mix a new model's records with them: "
+                                   "--restart moves this run aside and starts afresh")
+    return None
+
+
+def records_of_weights(run_dir: Path) -> str | None:
+    """What the folder records of saved or evaluated weights (a checkpoint written, evaluations), or None:
+    steps logged before a first checkpoint are lost work, which training from step 0 replaces."""
+    saved = [r["step"] for r in read_metrics(run_dir) if "checkpoint" in r] if run_dir.is_dir() else []
+    if saved:
+        return f"metrics.jsonl records a checkpoint saved at step {max(saved)}"
+    if (run_dir / EVAL_FILE).exists():
+        return f"{EVAL_FILE} records evaluations of its weights"
     return None
 
 
@@ -155,6 +224,9 @@ REFUSED = ("seed", "train.batch_size", "bound")
 the bound is what the ELBO loss trains and how the data are dequantized (MATH.md §15)."""
 HARMLESS = ("sampler.", "data.root", "data.download")
 """Component settings that do not touch training: how samples are drawn, where the data lies."""
+STEPPING = ("optimizer.", "lr_schedule.")
+"""Component sections that say how the weights are stepped, not what is trained: announced on resume
+like ``train.lr``, not refused."""
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -182,7 +254,7 @@ def qualified_components(config: Mapping[str, Any], registry: Registry, prefer: 
 
 
 def breaks_exact_resume(key: str, components: Mapping[str, Any]) -> bool:
-    if key.startswith(HARMLESS):
+    if key.startswith(HARMLESS + STEPPING):
         return False
     return key in REFUSED or key.split(".", 1)[0] in components
 
@@ -193,10 +265,53 @@ def history_entry(changes: Mapping[str, tuple[Any, Any]], from_step: int, to_ste
 
 
 def dump_config(exp: Experiment, plugins: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:
+    """config.yaml: a header (first, so a file cut short keeps it), every effective setting of ``exp``
+    (component arguments with their defaults), then the records."""
     records: dict[str, Any] = {"plugins": plugins}
     if history:
         records["history"] = history
-    return yaml.safe_dump({**exp.to_dict(), **records}, sort_keys=False, allow_unicode=True)
+    header = {"sdeflow": {"config": COMPLETE, "version": installed_version()}}
+    return yaml.safe_dump({**header, **exp.to_dict(), **records}, sort_keys=False, allow_unicode=True)
+
+
+def installed_version() -> str:
+    """sdeflow's version as installed (``0+unknown`` in a source tree that was never installed)."""
+    try:
+        return importlib.metadata.version("sdeflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def run_experiment(run_dir: str | Path, registry: Registry, notice: Callable[[str], None]) -> Experiment:
+    """The experiment of a run's config.yaml, read strictly: a complete file missing a setting is damaged
+    (one line naming the key); an older, incomplete one takes today's defaults for what it lacks, said once."""
+    path = Path(run_dir) / CONFIG_FILE
+    records = read_run_records(run_dir)
+    raw = {k: v for k, v in records.items() if k not in RECORDS}
+    exp = structure(raw, str(path), registry, prefer=recorded_plugins(run_dir))
+    filled = filled_settings(raw, exp)
+    header = records.get("sdeflow")
+    if isinstance(header, Mapping) and header.get("config") == COMPLETE:
+        if filled:
+            raise DamagedConfig(f"{path}: {filled[0]}: missing{f' (and {len(filled) - 1} more)' if filled[1:] else ''};"
+                              " a run's config.yaml holds every setting it ran with, so this one is damaged "
+                              "(cut short?): restore it, or --restart the run")
+    elif filled:
+        shown = ", ".join(f"{k}={v!r}" for k, v in list(filled_values(exp, filled).items())[:4])
+        notice(f"{path} predates complete configs: {len(filled)} setting(s) it does not hold take today's "
+               f"defaults ({shown}{', …' if len(filled) > 4 else ''})")
+    return exp
+
+
+def filled_settings(raw: Mapping[str, Any], exp: Experiment) -> list[str]:
+    """Dotted keys of ``exp`` that ``raw`` (the file) does not hold: filled with defaults."""
+    held = set(flatten(dict(raw)))
+    return [k for k in flatten(exp.to_dict()) if k not in held and k != "name"]
+
+
+def filled_values(exp: Experiment, keys: list[str]) -> dict[str, Any]:
+    values = flatten(exp.to_dict())
+    return {k: values[k] for k in keys}
 
 
 # ---------------------------------------------------------------- taking a folder to write
@@ -222,17 +337,33 @@ def take_folder(run_dir: Path, restart: bool, notice: Callable[[str], None]) -> 
     return lock
 
 
+def changes_since(run_dir: Path, exp: Experiment, registry: Registry
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """(the run's config, ``exp``'s, {dotted key: (old, new)} of every setting that differs), component
+    names qualified by plugin; settings added since the run began compare with their defaults."""
+    recorded = recorded_plugins(run_dir)
+    old = read_run_config(run_dir)
+    try:
+        old = run_experiment(run_dir, registry, say).to_dict()
+    except DamagedConfig:
+        raise
+    except SdeflowError:  # a name no plugin registers now, a value no longer valid: compared as written
+        pass
+    old = qualified_components(old, registry, recorded)
+    new = qualified_components(exp.to_dict(), registry, recorded)
+    return old, new, config_changes(old, new)
+
+
+OUTSIDE_RESULTS = (*HARMLESS, "logging.", "device", "train.num_workers", "train.checkpoint_every",
+                   "train.checkpoint_minutes")
+"""Settings a finished run's results do not depend on (how it logged, where, on what device)."""
+
+
 def check_changes(run_dir: Path, exp: Experiment, registry: Registry, *, allow_changes: bool,
                   notice: Callable[[str], None]) -> dict[str, tuple[Any, Any]]:
     """Announce every setting changed since the run's config.yaml; refuse those that break exact
     resume (seed, batch size, components) unless ``allow_changes``."""
-    recorded = recorded_plugins(run_dir)
-    old = read_run_config(run_dir)
-    with contextlib.suppress(SdeflowError):  # settings added since the run began take their defaults
-        old = structure(old, str(run_dir / CONFIG_FILE), registry, prefer=recorded).to_dict()
-    old = qualified_components(old, registry, recorded)
-    new = qualified_components(exp.to_dict(), registry, recorded)
-    changes = config_changes(old, new)
+    old, new, changes = changes_since(run_dir, exp, registry)
     # With no checkpoint nothing trained survives: a new seed or batch size breaks nothing.
     strict = not allow_changes and any((run_dir / p).exists() for p in (LAST, PREVIOUS))
     for key, (before, after) in changes.items():

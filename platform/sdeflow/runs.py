@@ -24,7 +24,7 @@ from .build import (
     require_lambda_sampler,
 )
 from .checkpoint import UnreadableCheckpoint
-from .config import COMPONENT_DEFAULTS, Experiment, build_component, check_component, structure
+from .config import COMPONENT_DEFAULTS, Experiment, build_component, check_component
 from .distributed import DistContext
 from .errors import ConfigError, InvalidArgument
 from .estimators import make_estimators
@@ -34,8 +34,10 @@ from .interfaces import DataBundle
 from .model import DiffusionModel
 from .objective import Objective, check_trainable
 from .registry import Registry, default_registry
-from .runfolder import CONFIG_FILE, LAST, read_run_config, recorded_plugins, restore, say
+from .runfolder import CONFIG_FILE, LAST, PinnedFolder, read_run_config, restore, run_experiment, say
 from .transforms import ModelSpace
+
+SAMPLES_DIR = "samples"
 
 
 def resolve_device(name: str, source: str = "config") -> torch.device:
@@ -65,6 +67,12 @@ class Run:
     """The loss of ``model`` with the trainable loss and time sampler: what training optimises."""
     ema_objective: Objective | None = None
     """Its EMA copy, whose model is ``ema``."""
+    folder: PinnedFolder | None = None
+    """The folder a trained run was read from, followed if it is moved (None: a run being trained)."""
+
+    def records_dir(self) -> Path:
+        """Where this run's evaluations and samples are recorded: the folder its weights came from."""
+        return self.folder.now() if self.folder else self.run_dir
 
     @property
     def checkpoint_path(self) -> Path:
@@ -103,7 +111,8 @@ class Run:
             result["full"] = own
             deq = spec if not used.from_t_eps else {"name": f"matched_truncated_normal (bound: {used.name})"}
             result["protocol"] = {"weights": "ema", **used.protocol(), **space.protocol(deq),
-                                  "se": "std of per-example bpd / sqrt(n)"}
+                                  "se": "std of per-example bpd / sqrt(n)",
+                                  **({"data": self.data.protocol} if self.data.protocol else {})}
             estimate = estimators.get(name)
             result["settings"] = {**getattr(estimate, "settings", {}), "batch_size": batch_size,
                                   "max_examples": max_examples, "bound": used.name}
@@ -174,19 +183,23 @@ class Run:
             return self.ema_objective.space.inverse(z), states
         return self.ema_objective.space.inverse(sampler.sample(self.ema, x_T, ts, generator=generator)), None
 
-    def save_samples(self, path: Path, *, num: int, lam: float | None = None, sampler: str | None = None,
+    def save_samples(self, path: Path | None, *, num: int, lam: float | None = None, sampler: str | None = None,
                      steps: int | None = None, seed: int = 0) -> Path:
+        """A picture of ``num`` samples at ``path`` (None: the run's samples/sample.png, wherever the
+        folder is once they are drawn)."""
         sampler = self.sampler(lam, sampler)
         x, _ = self.draw(sampler, num, steps=steps, seed=seed)
         used = getattr(sampler, "lam", None)
+        path = path or self.records_dir() / SAMPLES_DIR / "sample.png"
         return save_samples(x, self.data.kind, path, title="samples" if used is None else f"samples (λ = {used:g})")
 
-    def save_trajectories(self, path: Path, *, num: int, steps: int | None = None, seed: int = 0) -> Path:
+    def save_trajectories(self, path: Path | None, *, num: int, steps: int | None = None, seed: int = 0) -> Path:
+        """Both λ-samplers' paths at ``path`` (None: the run's samples/trajectories.png)."""
         paths = {}
         for lam in (0.0, 1.0):
             _, states = self.draw(self.sampler(lam), num, steps=steps, seed=seed, trajectory=True)
             paths[f"λ = {lam:g}" + (" (reverse SDE)" if lam == 0 else " (probability-flow ODE)")] = states
-        return save_trajectories(paths, path)
+        return save_trajectories(paths, path or self.records_dir() / SAMPLES_DIR / "trajectories.png")
 
 
 def build_run(exp: Experiment, run_dir: str | Path, *, registry: Registry | None = None,
@@ -212,9 +225,11 @@ def open_run(run_dir: str | Path, registry: Registry | None = None, notice: Call
              ) -> Run:
     """A trained run, rebuilt from its config.yaml, with weights (EMA) from its newest usable checkpoint."""
     registry = registry or default_registry()
-    source = str(Path(run_dir) / CONFIG_FILE)
-    exp = structure(read_run_config(run_dir), source, registry, prefer=recorded_plugins(run_dir))
+    read_run_config(run_dir)  # a missing or unreadable folder is one line from here
+    folder = PinnedFolder(run_dir)  # from now on, the weights, config and records are this folder's
+    exp = run_experiment(folder.now(), registry, notice or say)
     run = build_run(exp, run_dir, registry=registry)
+    run.folder = folder
 
     def apply(state: dict[str, Any]) -> None:
         run.model.load_state_dict(state["model"])
@@ -223,7 +238,7 @@ def open_run(run_dir: str | Path, registry: Registry | None = None, notice: Call
         run.ema_objective.load_component_state(state.get("ema_components", {}))
         run.step = int(state["step"])
 
-    if restore(run.run_dir, apply, notice or say) is None:
+    if restore(folder.now(), apply, notice or say) is None:
         raise UnreadableCheckpoint(f"{run.run_dir / LAST}: no checkpoint there (has the run saved one yet?)")
     return run
 

@@ -9,6 +9,8 @@ import csv
 import io
 import json
 import math
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,11 @@ from .checkpoint import write_text_atomic
 from .config import read_yaml
 from .errors import SdeflowError
 from .jobstate import variant_state
-from .results import headline, per_example
+from .results import per_example, read_eval
 from .runfolder import LAST
 from .runlog import read_metrics
 from .transforms import mean_and_se
+from .yamlio import read_json
 
 BASE = "base"
 
@@ -29,13 +32,21 @@ def finished(run_dir: Path, steps: int) -> bool:
     """Trained to ``steps`` and evaluated on the test split at that step (eval.json's headline)."""
     if not (run_dir / LAST).exists():
         return False
-    entries = headline(run_dir, "test")
+    try:
+        entries = read_eval(run_dir).get("test", {})
+    except SdeflowError:  # a damaged eval.json: not finished; the variant's own job says why
+        return False
     return bool(entries) and min(e.get("step", 0) for e in entries.values()) >= steps
-
 
 
 PLAN_FILE = "sweep.json"
 """The sweep's variants in the experiment's order, with their changes: the summary's source of truth."""
+VARIANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def is_variant_name(name: object) -> bool:
+    """Whether ``name`` can be a variant's name, which becomes its run folder's inside the runs folder."""
+    return isinstance(name, str) and bool(VARIANT_NAME.fullmatch(name)) and name not in (".", "..")
 
 COLUMNS = ["variant", "changes", "steps", "wall_s", "it_per_s", "final_loss",
            "val_bpd", "val_bpd_se", "val_delta", "val_delta_se_paired", "val_delta_se_indep", "val_rank",
@@ -72,7 +83,7 @@ def write_plan(runs_dir: Path, variants: Sequence[Any], baseline: str = BASE) ->
     plan = {"baseline": baseline, "variants": [{"name": v.name, "changes": v.changes} for v in variants]}
     path = Path(runs_dir) / PLAN_FILE
     if path.exists():  # a rerun with --only keeps the full plan's order, adding what is new
-        old = json.loads(path.read_text())
+        old = _read_plan_file(path)
         known = {v["name"] for v in old["variants"]}
         plan["variants"] = old["variants"] + [v for v in plan["variants"] if v["name"] not in known]
     write_text_atomic(path, json.dumps(plan, indent=2, default=str) + "\n")
@@ -84,15 +95,28 @@ def read_plan(runs_dir: Path) -> dict[str, Any]:
     the changes recovered from their config.yaml files."""
     path = runs_dir / PLAN_FILE
     if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SdeflowError(f"{path}: not valid JSON ({e.msg}); delete it to summarise from the runs' "
-                               "configs") from None
+        return _read_plan_file(path)
     changes = _changes_from_configs(runs_dir)
     names = sorted(changes, key=lambda n: (n != BASE, n))
     return {"baseline": BASE if BASE in changes else None,
             "variants": [{"name": n, "changes": changes[n]} for n in names]}
+
+
+PLAN_ADVICE = "delete it to summarise from the runs' configs"
+
+
+def _read_plan_file(path: Path) -> dict[str, Any]:
+    """sweep.json, checked: {"baseline": name or null, "variants": [{"name": folder name, "changes": {...}}]}."""
+    plan = read_json(path, "sweep plan", PLAN_ADVICE)
+    variants = plan.get("variants") if isinstance(plan, dict) else None
+    if not isinstance(variants, list) or not all(
+            isinstance(v, dict) and is_variant_name(v.get("name")) and isinstance(v.get("changes", {}), dict)
+            for v in variants):
+        raise SdeflowError(f"{path}: variants: expected a list of {{name: folder name, changes: mapping}}; "
+                           f"{PLAN_ADVICE}")
+    if not isinstance(plan.get("baseline"), (str, type(None))):
+        raise SdeflowError(f"{path}: baseline: expected a variant name or null; {PLAN_ADVICE}")
+    return plan
 
 
 def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,8 +126,13 @@ def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
     row = {"variant": run_dir.name, "changes": " ".join(f"{k}={v}" for k, v in changes.items()) or "-",
            "steps": last.get("step"), "wall_s": wall,
            "it_per_s": (last.get("step") / wall) if wall else None, "final_loss": last.get("loss")}
+    try:
+        evaluations = read_eval(run_dir)
+    except SdeflowError as e:  # one damaged run must not hide the others: its row is blank, and says why
+        warn(f"{e}; variant {run_dir.name} is summarised without results")
+        evaluations = {}
     for split in ("val", "test"):
-        entry = _main(headline(run_dir, split))
+        entry = _main(evaluations.get(split, {}))
         row[f"{split}_bpd"], row[f"{split}_bpd_se"] = entry.get("bpd"), entry.get("bpd_se")
         row[f"_{split}_entry"] = entry
     protocol = row["_test_entry"].get("protocol", {})
@@ -119,6 +148,10 @@ def _row(run_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+def warn(message: str) -> None:
+    print(f"sdeflow: warning: {message}", file=sys.stderr)
+
+
 def _main(entries: Mapping[str, Any]) -> dict[str, Any]:
     """The entry a summary reports: the ELBO, else the first bpd estimate (never the data's exact one)."""
     if "elbo" in entries:
@@ -129,12 +162,14 @@ def _main(entries: Mapping[str, Any]) -> dict[str, Any]:
 def paired_difference(run_a: Path, entry_a: Mapping[str, Any], run_b: Path, entry_b: Mapping[str, Any]
                       ) -> tuple[float, float, int] | None:
     """(mean of bpd_a,i − bpd_b,i, its paired s.e., n) over the examples both evaluated; None when
-    either has no per-example record or they share no example."""
+    either has no per-example record or they share no example. A damaged record is said in one line
+    (which file, why) and gives None."""
     if "per_example" not in entry_a or "per_example" not in entry_b:
         return None
     try:
         a, b = per_example(run_a, entry=entry_a), per_example(run_b, entry=entry_b)
-    except (SdeflowError, ValueError, IndexError):  # a missing or damaged record: no paired s.e.
+    except SdeflowError as e:
+        warn(f"{e}; no paired s.e. for {run_a.name} against {run_b.name}")
         return None
     common, ia, ib = _intersect(a["index"], b["index"])
     if common == 0:
@@ -184,7 +219,8 @@ def _deltas(runs_dir: Path, row: dict[str, Any], base: dict[str, Any], split: st
     if row[f"{split}_bpd"] is None or base[f"{split}_bpd"] is None:
         return
     row[keys[0]] = row[f"{split}_bpd"] - base[f"{split}_bpd"]
-    row[keys[2]] = math.sqrt(row[f"{split}_bpd_se"] ** 2 + base[f"{split}_bpd_se"] ** 2)
+    ses = (row[f"{split}_bpd_se"], base[f"{split}_bpd_se"])
+    row[keys[2]] = None if None in ses else math.sqrt(ses[0] ** 2 + ses[1] ** 2)
     if row is base:
         row[keys[0]], row[keys[1]], row[keys[2]] = 0.0, 0.0, 0.0
         if split == "test":
@@ -238,7 +274,7 @@ def _changes_from_configs(runs_dir: Path) -> dict[str, dict[str, Any]]:
     configs = {p.name: flatten(read_yaml(p / "config.yaml")) for p in runs_dir.iterdir()
                if (p / "config.yaml").exists()}
     base = configs.get(BASE, {})
-    skip = ("name", "plugins.", "history")
+    skip = ("name", "sdeflow.", "plugins.", "history")
     return {name: {k: v for k, v in cfg.items() if base.get(k) != v and not k.startswith(skip)}
             for name, cfg in configs.items()}
 
@@ -256,7 +292,7 @@ def plot_bpd(runs_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path | None:
             continue
         steps = [r["step"] for r in evals]
         bpd = [r["bpd"] for r in evals]
-        se = [r.get("bpd_se", 0.0) for r in evals]
+        se = [r.get("bpd_se") or 0.0 for r in evals]
         curves.plot(steps, bpd, marker="o", label=row["variant"])
         curves.fill_between(steps, [b - s for b, s in zip(bpd, se)], [b + s for b, s in zip(bpd, se)], alpha=0.2)
         drawn = True

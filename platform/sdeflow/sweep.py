@@ -7,7 +7,7 @@ grid values, and the command line's ``key=value`` overrides (the user's last wor
 from __future__ import annotations
 
 import itertools
-import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,12 @@ from .build import check_experiment
 from .config import Experiment, apply_overrides, parse_override, read_yaml, structure
 from .distributed import DistContext, init_from_env, shutdown
 from .errors import ConfigError, SdeflowError
+from .jobstate import is_locked
 from .preemption import Stopped
 from .registry import Registry, default_registry
+from .runfolder import OUTSIDE_RESULTS, changes_since
 from .runs import resolve_device
-from .summary import BASE, finished, own_settings_variant, write_plan, write_summary
+from .summary import BASE, finished, is_variant_name, own_settings_variant, write_plan, write_summary
 
 
 @attrs.define
@@ -29,10 +31,6 @@ class Variant:
     name: str
     changes: dict[str, Any]
     exp: Experiment | None = None
-
-
-VARIANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
-"""A variant's name, which becomes the name of its run folder inside the runs folder."""
 
 
 def _label(value: Any) -> str:
@@ -45,7 +43,7 @@ def expand(data: Mapping[str, Any], source: str) -> list[Variant]:
     for i, item in enumerate(data.get("ablations") or []):
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
             raise ConfigError(f"{source}: ablations[{i}]: expected {{name: ..., set: {{key: value}}}}, got {item!r}")
-        if not VARIANT_NAME.fullmatch(item["name"]) or item["name"] in (".", ".."):
+        if not is_variant_name(item["name"]):
             raise ConfigError(f"{source}: ablations[{i}].name: {item['name']!r} becomes a folder of the runs folder; "
                               "expected letters, digits, '.', '_' or '-' (no '/', no '..')")
         changes = item.get("set") or {}
@@ -114,6 +112,37 @@ def run_sweep(path: str | Path, runs_dir: str | Path | None = None, overrides: S
         shutdown(ctx)
 
 
+def refuse_stale(variant: Variant, run_dir: Path) -> None:
+    """A finished variant whose definition changed since it ran (an edited ``set:``, grid or base file)
+    is never reported under the new one: one line naming the settings and what to do."""
+    _, _, changes = changes_since(run_dir, variant.exp, default_registry())
+    stale = {k: v for k, v in changes.items() if not k.startswith(OUTSIDE_RESULTS)}
+    if stale:
+        shown = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(stale.items())[:3])
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        raise ConfigError(f"{run_dir}: variant '{variant.name}' finished under other settings ({shown}{more}); "
+                          "its results would be summarised under the new definition: move the folder aside "
+                          "to rerun it, or undo the change")
+
+
+WAIT_POLL_S = 1.0
+
+
+def _wait_for_elsewhere(outcome: dict[str, Any], runs_dir: Path, steps: int) -> dict[str, Any]:
+    """A variant another controller was running (two sweeps on one folder): wait for it to let go,
+    then count it done if it finished, else failed (run the sweep again to resume it)."""
+    if outcome["state"] != "elsewhere":
+        return outcome
+    run_dir = runs_dir / outcome["variant"]
+    print(f"sdeflow: variant '{outcome['variant']}' is being run by another process; waiting for it", flush=True)
+    while is_locked(run_dir):
+        time.sleep(WAIT_POLL_S)
+    if finished(run_dir, steps):
+        return {"variant": outcome["variant"], "state": "done"}
+    return {"variant": outcome["variant"], "state": "failed",
+            "message": "the other process running it stopped before it finished; run the sweep again to resume it"}
+
+
 class SweepStopped(Stopped):
     """A stop signal ended the sweep; every variant it was running saved a checkpoint."""
 
@@ -130,14 +159,18 @@ def _run_variants(data, source: str, variants: list[Variant], runs_dir: Path, cf
     if ctx.is_main:
         write_plan(runs_dir, variants, own_settings_variant(data, expand(data, source)))
     jobs = []
+    steps = {v.name: v.exp.train.steps for v in variants}
     for v in variants:
         run_dir = runs_dir / v.name
         if finished(run_dir, v.exp.train.steps):
+            refuse_stale(v, run_dir)
             if ctx.is_main:
                 print(f"sdeflow: variant '{v.name}' already finished in {run_dir}; skipping")
             continue
         jobs.append(VariantJob(v.name, v.exp.to_dict(), v.exp.source, str(run_dir)))
     outcomes = launch(cfg, jobs, runs_dir, ctx)
+    if ctx.is_main:
+        outcomes = [_wait_for_elsewhere(o, runs_dir, steps[o["variant"]]) for o in outcomes]
     if not ctx.is_main or any(o["state"] == "submitted" for o in outcomes):
         return runs_dir
     if any((runs_dir / v.name / "metrics.jsonl").exists() for v in variants):

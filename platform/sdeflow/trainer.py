@@ -1,8 +1,10 @@
-"""Training: Adam + EMA, periodic evaluation, samples and atomic checkpoints, exact resume.
+"""Training: the optimizer and its learning-rate schedule, gradient accumulation, EMA, periodic
+evaluation, samples and atomic checkpoints, exact resume.
 
 Every random draw of training step k comes from a seed that is a function of (seed, rank, k), and the
 batch of step k is a function of (seed, k): a resumed run repeats the uninterrupted one exactly (on
-CPU), and ranks draw different noise while holding identical weights.
+CPU), and ranks draw different noise while holding identical weights. With ``train.accumulate: N`` the
+N micro-batches of a step draw one after another from that step's stream.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import milestones
-from .build import advice
+from .build import advice, build_lr_schedule, build_optimizer, check_accumulate
 from .checkpoint import (
     non_finite_entries,
     rng_state,
@@ -26,17 +28,31 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .compiling import CompiledNetwork, autocast_for
-from .config import Experiment, plugin_versions
+from .config import COMPONENT_DEFAULTS, Experiment, plugin_versions
 from .data import train_batches
 from .distributed import DistContext
-from .errors import SdeflowError
+from .errors import ConfigError, SdeflowError
 from .memory import check_run_fits
-from .optim import EMA, Window, adam, step_seed, unwrapped
+from .optim import (
+    EMA,
+    Window,
+    adam,  # noqa: F401  (benchmarks/train_step.py takes the trainer's Adam from here)
+    base_rates,
+    gradient_sync,
+    keep_configured,
+    load_schedule_state,
+    micro_batches,
+    schedule_state,
+    set_rates,
+    step_seed,
+    unwrapped,
+)
 from .preemption import STOP_SIGNALS, Preempted, StopRequests, Timer
 from .quality import check_metrics
 from .results import headline
 from .runfolder import (
     CONFIG_FILE,
+    LAST,
     PREVIOUS,
     RunLock,
     check_changes,
@@ -73,7 +89,9 @@ class Trainer:
         self.say = notice if self.ctx.is_main else _quiet  # rank 0 speaks for all
         cfg = self.exp.train
         self.objective = run.objective
-        self.optimizer = adam(self.objective.param_groups(cfg.lr, cfg.component_lr), cfg.lr)
+        self.optimizer = build_optimizer(self.exp, self.objective.param_groups(cfg.lr, cfg.component_lr), run.registry)
+        self.base_rates = base_rates(self.optimizer)  # the schedule scales these; the config's win on resume
+        self.schedule = build_lr_schedule(self.exp, run.registry)
         self.step = 0
         self.elapsed = 0.0  # seconds spent in training steps, across resumes
         self.raw_network = run.model.parameterization.network
@@ -88,7 +106,9 @@ class Trainer:
         self.log: RunLog | None = None
         problem = None
         try:
-            check_run_fits(run.model, run.exp, run.data.shape, run.device, self.ctx.world)  # before any write
+            check_accumulate(run.exp, self.ctx.world)  # each rank's share splits into equal micro-batches
+            # What is in memory at once is one micro-batch of each rank's share.
+            check_run_fits(run.model, run.exp, run.data.shape, run.device, self.ctx.world * cfg.accumulate)
         except SdeflowError as e:
             problem = e
         if self.ctx.any(problem is not None):  # ranks see different free memory: all stop together
@@ -143,14 +163,41 @@ class Trainer:
         self.run.ema.load_state_dict(state["ema"])
         self.objective.load_component_state(state.get("components", {}))
         self.run.ema_objective.load_component_state(state.get("ema_components", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
-        configured = self.objective.param_groups(self.exp.train.lr, self.exp.train.component_lr)
-        for group, wanted in zip(self.optimizer.param_groups, configured):  # the config's rates win over those saved
-            group["lr"] = wanted["lr"]
+        self._resume_optimization(state)
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
         self.say(f"resuming {self.run.run_dir} from step {self.step}")
+
+    def _resume_optimization(self, state: dict[str, Any]) -> None:
+        """The optimizer's state (moments) and the schedule's, when the checkpoint's were of the same
+        component; the config's rates and optimizer settings win over the saved ones (as ``train.lr`` does).
+        A checkpoint from before schedules existed has none: the schedule starts fresh."""
+        saved = state.get("config", {})
+        if self._same_component(saved, "optimizer"):
+            configured = list(self.optimizer.param_groups)
+            self.optimizer.load_state_dict(state["optimizer"])
+            settings = self.run.registry.get("optimizer", self.exp.components["optimizer"]["name"]).arguments
+            keep_configured(self.optimizer, configured, list(settings))
+        else:
+            self.say(f"optimizer changed since the checkpoint ({self._saved_name(saved, 'optimizer')} → "
+                     f"{self.exp.components['optimizer']['name']}): its state starts afresh")
+        if self._same_component(saved, "lr_schedule"):
+            load_schedule_state(self.schedule, state.get("lr_schedule"))
+
+    @staticmethod
+    def _saved_name(saved: dict[str, Any], kind: str) -> str:
+        spec = saved.get(kind) or COMPONENT_DEFAULTS[kind]
+        return spec["name"] if isinstance(spec, dict) else str(spec)
+
+    def _same_component(self, saved: dict[str, Any], kind: str) -> bool:
+        """The checkpoint's ``kind`` (its recorded config; the default for older checkpoints) is this run's."""
+        before, now = self._saved_name(saved, kind), self.exp.components[kind]["name"]
+        try:
+            registry = self.run.registry
+            return registry.get(kind, before).qualified_name == registry.get(kind, now).qualified_name
+        except ConfigError:  # no longer installed, or now ambiguous: compare as written
+            return before == now
 
     def _open_log(self) -> RunLog:
         log = RunLog(self.run.run_dir, tensorboard=self.exp.logging.tensorboard, purge_step=self.step + 1)
@@ -164,7 +211,8 @@ class Trainer:
         with unwrapped(self.run.model.parameterization, self.raw_network):
             model = self.run.model.state_dict()
         state = {"model": model, "ema": self.run.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "step": self.step, "elapsed": self.elapsed, "rng": rng_state(), "config": self.exp.to_dict()}
+                 "lr_schedule": schedule_state(self.schedule), "step": self.step, "elapsed": self.elapsed,
+                 "rng": rng_state(), "config": self.exp.to_dict()}
         if self.objective.component_state():  # a trainable loss or time sampler
             state["components"] = self.objective.component_state()
             state["ema_components"] = self.run.ema_objective.component_state()
@@ -183,6 +231,8 @@ class Trainer:
                                    f"); nothing saved ({kept}); try a lower train.lr or train.grad_clip")
         if self.ctx.is_main:
             save_atomic(state, self.run.checkpoint_path, keep_previous=self.run.run_dir / PREVIOUS)
+            if self.log:  # so a folder whose checkpoints were deleted is never taken for a fresh one
+                self.log.log(self.step, checkpoint=str(LAST))
         self.ctx.barrier()
         self.saved_step = self.step
         self.save_timer.reset()
@@ -190,19 +240,30 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on this rank's shard; returns the (detached) mean loss."""
+        """One optimiser step on this rank's shard, in ``train.accumulate`` micro-batches whose gradients
+        add up to the gradient of the whole shard's mean loss; each group at its base rate times the
+        schedule's factor for this update. Returns the (detached) mean loss."""
         cfg = self.exp.train
-        with self.autocast():
-            per_example = self.ddp_objective(x).float()
-        self.objective.observe_loss(per_example)
-        loss = per_example.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.objective.observe_loss(None)
+        parts = micro_batches(x, cfg.accumulate)
+        loss = sum(self._backward(part, len(parts), last=i == len(parts) - 1) for i, part in enumerate(parts))
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip)
+        set_rates(self.optimizer, self.base_rates, self.schedule(self.step))
         self.optimizer.step()
         self.ema.update(self.step)
+        return loss
+
+    def _backward(self, x: torch.Tensor, parts: int, last: bool) -> torch.Tensor:
+        """Backward of one micro-batch's share of the shard's mean loss (its mean / ``parts``: the micro-batches
+        are equal); under DDP the gradients all-reduce after the ``last`` one only. Returns that share."""
+        with gradient_sync(self.ddp_objective, last):
+            with self.autocast():
+                per_example = self.ddp_objective(x).float()
+            self.objective.observe_loss(per_example)
+            loss = per_example.mean() if parts == 1 else per_example.mean() / parts
+            loss.backward()
+            self.objective.observe_loss(None)
         return loss.detach()
 
     def fit(self) -> dict[str, Any]:

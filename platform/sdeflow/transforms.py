@@ -163,9 +163,9 @@ def bits_per_dim(log_likelihood_z: Tensor, log_det: Tensor, dim: int, bits_offse
     return -(log_likelihood_z + log_det - log_q) / (dim * math.log(2)) + bits_offset
 
 
-def mean_and_se(values: Tensor) -> tuple[float, float]:
-    """Mean and its standard error std / √N (N = 1 gives a standard error of 0)."""
+def mean_and_se(values: Tensor) -> tuple[float, float | None]:
+    """Mean and its standard error std / √N; None for N = 1, where the sample std is undefined."""
     values = values.double()
     n = values.numel()
-    se = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+    se = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
     return float(values.mean()), se

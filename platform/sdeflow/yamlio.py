@@ -1,23 +1,52 @@
-"""Reading YAML safely: one-line errors for a missing or malformed file, and a cap on the document's
-size with aliases expanded (a kilobyte "anchor bomb" can expand to gigabytes when copied)."""
+"""Reading the text files a user or a run folder hands the CLI (YAML and JSON) safely: one-line errors
+for a missing, non-UTF-8 or malformed file, a value too long to read, nesting too deep to parse, and a
+cap on a YAML document's size with aliases expanded (a kilobyte "anchor bomb" can expand to gigabytes
+when copied)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, SdeflowError
+
+
+def read_utf8(path: str | Path, what: str, error: type[SdeflowError] = ConfigError) -> str:
+    """The text of ``path`` (``what`` it is, for the message); unreadable or non-UTF-8 bytes are one line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}); "
+                    f"save the {what} as UTF-8") from None
+
+
+def read_json(path: str | Path, what: str, advice: str, error: type[SdeflowError] = SdeflowError) -> Any:
+    """The JSON value in ``path``; bad bytes, bad JSON, a number too long to read or nesting too deep to
+    parse is one line ending in ``advice`` (what the user can do)."""
+    text = read_utf8(path, what, error)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {advice}") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise error(f"{path}: unreadable value ({str(e).split(';')[0]}); {advice}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read; {advice}") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The YAML mapping in ``path``; a missing file or malformed YAML is a one-line ConfigError."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read experiment file ({e.strerror or e})") from None
+    text = read_utf8(path, "experiment file")
     try:
         data = safe_load_capped(text, str(path))
     except yaml.YAMLError as e:
@@ -51,7 +80,10 @@ def safe_load_capped(text: str, source: str, limit: int = MAX_YAML_NODES) -> Any
         if size > limit:
             raise ConfigError(f"{source}: YAML document expands to more than {limit:,} nodes (aliases counted); "
                               "an experiment needs a few hundred: remove the repeated anchors")
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except ValueError as e:  # e.g. an integer of more digits than Python converts (4,300)
+            raise ConfigError(f"{source}: unreadable value ({str(e).split(';')[0]})") from None
     finally:
         loader.dispose()
 

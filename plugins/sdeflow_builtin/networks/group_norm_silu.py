@@ -148,14 +148,37 @@ def build_library() -> Path:
          _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"group_norm_silu-{key}.so"
     if target.exists():
-        return target
+        if _intact(target):
+            return target
+        print(f"sdeflow: the cached kernel {target} is damaged (its digest does not match); rebuilding it",
+              file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp, "kernel.o"), Path(tmp, "kernel.so")
         _run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)])
         _run([compiler, *LINK_FLAGS, str(obj), "-o", str(lib), "-lm"])
+        digest = Path(tmp, "kernel.sha256")
+        digest.write_text(_digest(lib))
         os.replace(lib, target)  # atomic: ranks building side by side never load half a file
+        os.replace(digest, _digest_path(target))
     return target
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_suffix(".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is the file its build wrote: loading a truncated or altered shared library
+    can crash the process (SIGBUS) instead of raising, so it is checked before ctypes maps it."""
+    try:
+        return _digest_path(library).read_text().strip() == _digest(library)
+    except OSError:
+        return False
 
 
 def _run(command: list[str]) -> str:
