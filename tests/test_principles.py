@@ -314,3 +314,31 @@ def test_two_sweep_controllers_on_one_folder_both_succeed(tmp_path):
     assert second.returncode == 0, second.stderr
     for name in ("base", "score", "lr"):
         assert (tmp_path / "runs" / name / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(("sections", "fragments"), [
+    ({"data": {"name": "cifar10", "root": "nowhere", "download": False}, "network": {"name": "unet", "ch": 12}},
+     ["network.ch", "multiple of num_groups=32"]),
+    ({"data": {"name": "mnist", "root": "nowhere", "download": False}, "dequantizer": {"name": "variational"}},
+     ["dequantizer", "does not train"]),
+    ({"data": {"name": "imagenet32", "root": "nowhere"}}, ["data.version", "required"]),
+])
+def test_check_runs_the_checks_train_runs_without_reading_data(tmp_path, capsys, sections, fragments):
+    path = write_experiment(tmp_path, **sections)
+    status, _, err = run_cli(capsys, "check", path)
+    assert_one_line_error(status, err, *fragments)
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", tmp_path / "run")
+    assert_one_line_error(status, err, *fragments)  # the same refusal, before any data is read
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_small_mnist_format_set_is_refused_with_the_n_val_that_would_fit(tmp_path, capsys):
+    from fakedata import write_mnist
+
+    write_mnist(tmp_path / "data", n_train=40, n_test=10)
+    path = write_experiment(tmp_path, data={"name": "mnist", "root": str(tmp_path / "data"), "download": False})
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", tmp_path / "run")
+    assert_one_line_error(status, err, "data.n_val", "less than the 40 training examples", "set data.n_val (e.g. 4")
+    path = write_experiment(tmp_path, data={"name": "mnist", "root": str(tmp_path / "data"), "download": False,
+                                            "n_val": 4}, network={"name": "mlp", "hidden": 8, "depth": 1})
+    assert run_cli(capsys, "check", path)[0] == 0

@@ -97,7 +97,7 @@ def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts
         raise ConfigError(f"{exp.source}: eval.ode_method: {e.message}") from None
     check_bound(exp, registry or default_registry())
     check_optimization(exp, registry or default_registry())
-    check_model(exp, parts.sde, registry or default_registry())
+    check_model(exp, parts, registry or default_registry())
     check_trainable(exp, {"sde": parts.sde, "loss": parts.loss, "time_sampler": parts.time_sampler})
     try:
         getattr(parts.loss, "check_sde", lambda sde: None)(parts.sde)
@@ -126,19 +126,22 @@ def data_shape(exp: Experiment, registry: Registry) -> tuple[int, ...] | None:
         raise ConfigError(f"{exp.source}: data.{e.argument}: {e.message}") from None
 
 
-def check_model(exp: Experiment, sde: SDE, registry: Registry) -> None:
-    """Build network → parameterization on the meta device (no memory, no data), so every check their
-    factories make runs at ``sdeflow check`` as at ``train`` (a U-net's ``ch`` and ``num_groups``, ...).
-    Skipped when the data plugin declares no shape; a factory that cannot build on the meta device is
-    left to ``train``, which builds it for real."""
+def check_model(exp: Experiment, parts: Parts, registry: Registry) -> None:
+    """Build network → parameterization and the dequantizer on the meta device (no memory, no data), so
+    every check their factories make runs at ``sdeflow check`` as at ``train`` (a U-net's ``ch`` and
+    ``num_groups``, a trainable dequantizer the loss does not train, ...). Skipped when the data plugin
+    declares no shape; a factory that cannot build on the meta device is left to ``train``."""
     shape = data_shape(exp, registry)
     if shape is None:
         return
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         try:
-            build_model(exp, sde, shape, registry)
+            model = build_model(exp, parts.sde, shape, registry)
+            dequantizer = build_component(registry, exp, "dequantizer", data_shape=shape)
         except PluginError:
             return
+    check_trainable(exp, {"sde": parts.sde, "parameterization": model.parameterization, "network": model.network,
+                          "loss": parts.loss, "time_sampler": parts.time_sampler, "dequantizer": dequantizer})
 
 
 def check_accumulate(exp: Experiment, world: int = 1) -> None:

@@ -1,4 +1,5 @@
-"""Built-in data sets: a 2-D Swiss roll, an N-D Gaussian with a known density, MNIST and CIFAR-10.
+"""Built-in data sets: a 2-D Swiss roll, an N-D Gaussian with a known density, MNIST and CIFAR-10 (and,
+registered here from their own modules, downsampled ImageNet and folders of images).
 
 Each factory returns a :class:`sdeflow.interfaces.DataBundle` with train, val and test splits. Toy
 data are generated in memory from ``seed`` (train, val and test from independent streams, so neither
@@ -19,15 +20,18 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from sdeflow.checkpoint import derive_seed
 from sdeflow.errors import DataError, require
 from sdeflow.hookspecs import hookimpl
 from sdeflow.interfaces import DataBundle
 from sdeflow.transforms import Affine, Identity, Logit, UnitInterval
+
+from .augment import Augment, check_augment
 
 MNIST_FILES = tuple(
     f"MNIST/raw/{split}-{part}-ubyte"
@@ -273,7 +277,7 @@ def _open(name: str, root: str, make: Callable[[], object]):
         ) from None
 
 
-def _check_n_val(n_val: int) -> None:
+def check_n_val(n_val: int) -> None:
     require(n_val >= 0, "n_val", f"must be non-negative (0: no val split), got {n_val}")
 
 
@@ -287,7 +291,8 @@ def hold_out_indices(name: str, n_train: int, n_val: int, split_seed: int) -> tu
     require(
         n_val < n_train,
         "n_val",
-        f"must be less than the {n_train} training examples of {name} (the rest are trained on), got {n_val}",
+        f"must be less than the {n_train} training examples of {name} (the rest are trained on), got {n_val}; "
+        f"set data.n_val (e.g. {n_train // 10}, a tenth) for a set this small",
     )
     generator = torch.Generator().manual_seed(derive_seed(split_seed, "val-split", name))
     order = torch.randperm(n_train, generator=generator)
@@ -305,6 +310,19 @@ def _hold_out(name: str, train, n_val: int, split_seed: int, unaugmented: Callab
     train_indices, val_indices = hold_out_indices(name, len(train), n_val, split_seed)
     val_source = train if unaugmented is None else unaugmented()
     return Subset(train, train_indices), Subset(val_source, val_indices)
+
+
+def hold_out_split(name: str, files: Dataset, n_val: int, split_seed: int, train_view: Dataset | None = None
+                   ) -> tuple[Dataset, Dataset | None]:
+    """(train, val) as :func:`_hold_out` splits them, with index arrays instead of lists (a million
+    indices pickle to DataLoader workers and sit in their memory at 8 bytes each, not ~36): val reads
+    ``files`` as stored, train reads ``train_view`` (the same files augmented; None: ``files``)."""
+    train_view = files if train_view is None else train_view
+    if n_val == 0:
+        return train_view, None
+    train_indices, val_indices = hold_out_indices(name, len(files), n_val, split_seed)
+    as_array = partial(np.asarray, dtype=np.int64)
+    return Subset(train_view, as_array(train_indices)), Subset(files, as_array(val_indices))
 
 
 def image_transform(logit_alpha: float | None, affine: bool = False) -> Logit | UnitInterval | Affine:
@@ -332,7 +350,7 @@ def mnist(
     from torchvision import datasets, transforms
 
     transform = image_transform(logit_alpha, affine)  # validates α before any disk or network access
-    _check_n_val(n_val)
+    check_n_val(n_val)
     root = os.path.expanduser(root)
     _ensure_present("MNIST", root, MNIST_FILES, download, partial(datasets.MNIST, root, download=True))
     to_tensor = transforms.ToTensor()
@@ -354,31 +372,60 @@ def cifar10(
     n_val: int = 5000,
     split_seed: int = 0,
     affine: bool = False,
+    augment: tuple[str, ...] = (),
 ) -> DataBundle:
     """CIFAR-10 (torchvision): 3×32×32 images; random horizontal flips on the train split only. The model
     space is MNIST's (``logit_alpha``, ``affine``).
 
     ``n_val`` of the 50,000 training images, chosen by ``split_seed``, are held out as val (0: none).
+    ``augment`` adds random transforms of the train split (:mod:`~sdeflow_builtin.augment`: ``hflip``,
+    ``vflip``, ``rot90``, ``channel_permute``; VDM's "with augmentation" runs used hflip and rot90);
+    ``hflip: true`` is the ``hflip`` entry, drawn by torchvision's RandomHorizontalFlip as before.
     """
     from torchvision import datasets, transforms
 
     transform = image_transform(logit_alpha, affine)
-    _check_n_val(n_val)
+    check_n_val(n_val)
+    augment = check_augment(augment)
     root = os.path.expanduser(root)
     _ensure_present("CIFAR-10", root, CIFAR10_FILES, download, partial(datasets.CIFAR10, root, download=True))
     to_tensor = transforms.ToTensor()
     # The reference flipped (and shuffled) the test set too; evaluation must see the data as it is.
-    train_tf = transforms.Compose([transforms.RandomHorizontalFlip(), to_tensor]) if hflip else to_tensor
+    applied, train_tf = _cifar10_train_transform(hflip, augment, to_tensor)
     train = _open("CIFAR-10", root, lambda: datasets.CIFAR10(root, train=True, transform=train_tf))
     test = _open("CIFAR-10", root, lambda: datasets.CIFAR10(root, train=False, transform=to_tensor))
     # Val is evaluated like test, so it reads the same training files through a second, unflipped object.
     unflipped = partial(_open, "CIFAR-10", root, lambda: datasets.CIFAR10(root, train=True, transform=to_tensor))
-    reference = unflipped() if hflip else train  # FID's reference: every training image, unflipped
-    train, val = _hold_out("cifar10", train, n_val, split_seed, (lambda: reference) if hflip else None)
+    reference = unflipped() if applied else train  # FID's reference: every training image, unflipped
+    train, val = _hold_out("cifar10", train, n_val, split_seed, (lambda: reference) if applied else None)
+    protocol = {"name": "cifar10", "splits": {"train": len(train), "val": len(val) if val is not None else 0,
+                                              "test": len(test)},
+                "val": f"seeded hold-out of the training files (split_seed {split_seed})",
+                "test": "the official test batch", "augment": applied}
     return DataBundle(
         train, test, shape=(3, 32, 32), transform=transform, kind="image", train_shuffle=True, val=val,
-        reference=reference, levels=256,
+        reference=reference, levels=256, protocol=protocol,
     )
+
+
+def _cifar10_train_transform(hflip: bool, augment: tuple[str, ...], to_tensor) -> tuple[list[str], Callable]:
+    """(the augmentations applied, the train split's transform): torchvision's RandomHorizontalFlip
+    before ToTensor when ``hflip`` (bit-identical to before ``augment`` existed), then ``augment``'s others."""
+    from torchvision import transforms
+
+    rest = [name for name in augment if not (hflip and name == "hflip")]
+    steps = [transforms.RandomHorizontalFlip()] if hflip else []
+    steps += [to_tensor, Augment(rest)] if rest else [to_tensor]
+    applied = (["hflip"] if hflip else []) + rest
+    return applied, (transforms.Compose(steps) if len(steps) > 1 else to_tensor)
+
+
+# What each factory's data look like, known without loading them: ``sdeflow check`` builds the network on
+# the meta device with it, so the network's own checks run before any data is read.
+swissroll.shape = lambda **_: (2,)
+gaussian.shape = lambda dim=2, **_: (dim,)
+mnist.shape = lambda **_: (1, 28, 28)
+cifar10.shape = lambda **_: (3, 32, 32)
 
 
 @hookimpl
@@ -387,3 +434,9 @@ def sdeflow_register_datasets(register) -> None:
     register("gaussian", gaussian)
     register("mnist", mnist)
     register("cifar10", cifar10)
+    from .image_folder import image_folder  # these import this module's helpers
+    from .imagenet import imagenet32, imagenet64
+
+    register("imagenet32", imagenet32)
+    register("imagenet64", imagenet64)
+    register("image_folder", image_folder)
