@@ -64,3 +64,36 @@ def test_every_command_line_option_is_described():
         for action in sub._actions:
             if not isinstance(action, argparse._HelpAction):
                 assert action.help, f"sdeflow {name} {'/'.join(action.option_strings) or action.dest}: no help"
+
+
+PLUGIN_SOURCES = [KERNEL.parents[1] / "plugins", KERNEL.parents[1] / "examples" / "sdeflow-example-plugin"]
+
+
+def kernel_modules_imported(path: Path) -> set[str]:
+    """The sdeflow modules ``path`` imports (``sdeflow_builtin`` and other plugins' own modules aside)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n == "sdeflow" or n.startswith("sdeflow.")}
+    return found
+
+
+def test_plugins_import_the_kernel_only_through_sdeflow_plugin():
+    files = [p for root in PLUGIN_SOURCES for p in root.rglob("*.py")]
+    assert len(files) > 20
+    offending = {str(p.relative_to(KERNEL.parents[1])): sorted(m - {"sdeflow.plugin"})
+                 for p in files if (m := kernel_modules_imported(p)) - {"sdeflow.plugin"}}
+    assert not offending, f"import these through sdeflow.plugin: {offending}"
+
+
+def test_sdeflow_plugin_exports_exactly_its_all():
+    import sdeflow.plugin
+
+    public = {name for name in vars(sdeflow.plugin) if not name.startswith("_") and name != "annotations"}
+    assert public == set(sdeflow.plugin.__all__)
+    assert all(getattr(sdeflow.plugin, name) is not None for name in sdeflow.plugin.__all__)

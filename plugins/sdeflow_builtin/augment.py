@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from sdeflow.errors import did_you_mean, require
+from sdeflow.plugin import did_you_mean, require
 
 
 def _coin() -> bool:

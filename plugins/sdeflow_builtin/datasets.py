@@ -25,11 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from sdeflow.checkpoint import derive_seed
-from sdeflow.errors import DataError, require
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import DataBundle
-from sdeflow.transforms import Affine, Identity, Logit, UnitInterval
+from sdeflow.plugin import Affine, DataBundle, DataError, Identity, Logit, UnitInterval, derive_seed, hookimpl, require
 
 from .augment import Augment, check_augment
 

@@ -17,10 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdeflow.errors import require
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import Dequantizer, flat_sum
-from sdeflow.transforms import truncated_normal_draw, truncated_normal_log_q
+from sdeflow.plugin import Dequantizer, flat_sum, hookimpl, require, truncated_normal_draw, truncated_normal_log_q
 
 
 def inside_unit_bin(u: Tensor) -> Tensor:

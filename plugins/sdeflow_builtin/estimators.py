@@ -10,9 +10,7 @@ training loss and the bounds share:
 
 from __future__ import annotations
 
-from sdeflow.elbo_estimators import CombinedELBO, DenoisingELBO, HutchinsonELBO
-from sdeflow.estimators import ODE
-from sdeflow.hookspecs import hookimpl
+from sdeflow.plugin import ODE, CombinedELBO, DenoisingELBO, HutchinsonELBO, hookimpl
 
 
 @hookimpl

@@ -33,8 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Subset
 
-from sdeflow.errors import DataError, require
-from sdeflow.interfaces import DataBundle
+from sdeflow.plugin import DataBundle, DataError, require
 
 from .augment import Augment, check_augment
 from .datasets import check_n_val, hold_out_indices, image_transform

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from sdeflow.errors import DataError
+from sdeflow.plugin import DataError
 
 CACHE_FOLDER = "sdeflow-cache"
 """The cache's folder beside the data; data-set walkers skip it."""

@@ -47,8 +47,7 @@ import attrs
 import numpy as np
 from PIL import Image
 
-from sdeflow.errors import DataError, require
-from sdeflow.interfaces import DataBundle
+from sdeflow.plugin import DataBundle, DataError, require
 
 from .augment import Augment, check_augment
 from .datasets import check_n_val, hold_out_split, image_transform

@@ -7,10 +7,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sdeflow.elbo import check_probe, dsm_elbo, elbo, require_linear_drift
-from sdeflow.errors import require
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import Loss, TimeSampler, bcast, flat_sum, randn_like
+from sdeflow.plugin import (
+    Loss,
+    TimeSampler,
+    bcast,
+    check_probe,
+    dsm_elbo,
+    elbo,
+    flat_sum,
+    hookimpl,
+    randn_like,
+    require,
+    require_linear_drift,
+)
 
 
 def dsm_per_time(model, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 
-from sdeflow.errors import require
-from sdeflow.hookspecs import hookimpl
+from sdeflow.plugin import hookimpl, require
 
 
 class Constant:

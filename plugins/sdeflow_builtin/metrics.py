@@ -8,9 +8,15 @@ from typing import Any
 
 import torch
 
-from sdeflow.hookspecs import hookimpl
-from sdeflow.inception import Statistics
-from sdeflow.quality import Metric, frechet_distance, kernel_inception_distance, mmd, sliced_wasserstein
+from sdeflow.plugin import (
+    Metric,
+    Statistics,
+    frechet_distance,
+    hookimpl,
+    kernel_inception_distance,
+    mmd,
+    sliced_wasserstein,
+)
 
 
 class SlicedWasserstein(Metric):

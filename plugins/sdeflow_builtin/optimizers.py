@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sdeflow.errors import require
-from sdeflow.hookspecs import hookimpl
-from sdeflow.optim import fused_where_possible
+from sdeflow.plugin import fused_where_possible, hookimpl, require
 
 
 def _check_moments(betas: tuple[float, float], eps: float) -> None:

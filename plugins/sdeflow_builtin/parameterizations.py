@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import Parameterization, bcast
+from sdeflow.plugin import Parameterization, bcast, hookimpl
 
 
 class Drift(Parameterization):

@@ -12,12 +12,23 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sdeflow.errors import require
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import SDE, Sampler, bcast, flat_sum, randn_like
-from sdeflow.likelihood import check_method, ode_sample
-from sdeflow.model import check_lambda
-from sdeflow.time_grids import check_grid, log_snr, make_grid, noise_to_signal, t_of_log_snr
+from sdeflow.plugin import (
+    SDE,
+    Sampler,
+    bcast,
+    check_grid,
+    check_lambda,
+    check_method,
+    flat_sum,
+    hookimpl,
+    log_snr,
+    make_grid,
+    noise_to_signal,
+    ode_sample,
+    randn_like,
+    require,
+    t_of_log_snr,
+)
 
 Grid = Literal["uniform", "log_snr", "karras"]  # sdeflow.time_grids.GRIDS
 

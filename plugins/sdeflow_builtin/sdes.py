@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdeflow.errors import require
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import SDE, TimeDensity, bcast, draw_examples, gaussian_log_prob
+from sdeflow.plugin import SDE, TimeDensity, bcast, draw_examples, gaussian_log_prob, hookimpl, require
 
 
 def _check_time(T: float, t_eps: float) -> None:

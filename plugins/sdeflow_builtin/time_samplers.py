@@ -8,9 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from sdeflow.errors import InvalidArgument
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import SDE, TabulatedTimeDensity, TimeDensity, TimeSampler, derived
+from sdeflow.plugin import SDE, InvalidArgument, TabulatedTimeDensity, TimeDensity, TimeSampler, derived, hookimpl
 
 
 def _u(n: int, device, generator) -> Tensor:

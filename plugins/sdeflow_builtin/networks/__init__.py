@@ -6,7 +6,7 @@ the kernel passes ``data_shape`` and the experiment's keyword arguments to the c
 
 from __future__ import annotations
 
-from sdeflow.hookspecs import hookimpl
+from sdeflow.plugin import hookimpl
 
 from .mlp import MLP
 from .unet import PRESETS, UNet

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sdeflow.errors import require
+from sdeflow.plugin import require
 
 
 def batch_times(tau: Tensor | float, batch: int, device: torch.device | None = None) -> Tensor:

@@ -7,7 +7,7 @@ import math
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sdeflow.errors import require
+from sdeflow.plugin import require
 
 from .embedding import FourierFeatures, TimeEmbedding
 

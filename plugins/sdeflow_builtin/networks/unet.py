@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sdeflow.errors import require
+from sdeflow.plugin import require
 
 from .embedding import FourierFeatures, TimeEmbedding
 from .group_norm_silu import group_norm_silu, is_channels_last

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sdeflow.errors import require
+from sdeflow.plugin import require
 
 
 def sinusoidal_embedding(x: Tensor, dim: int) -> Tensor:

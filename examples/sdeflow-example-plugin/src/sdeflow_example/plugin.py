@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdeflow.hookspecs import hookimpl
+from sdeflow.plugin import hookimpl
 
 from .network import ResMLP
 from .quality import RK4ODE, MeanDistance

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sdeflow.likelihood import ODEEstimator
-from sdeflow.quality import Metric
+from sdeflow.plugin import Metric, ODEEstimator
 
 
 class RK4ODE:

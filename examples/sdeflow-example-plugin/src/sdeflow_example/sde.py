@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdeflow.errors import require
-from sdeflow.interfaces import SDE, gaussian_log_prob
+from sdeflow.plugin import SDE, gaussian_log_prob, require
 
 
 def check_arguments(beta: float, T: float, t_eps: float) -> None:
