@@ -13,7 +13,7 @@ synthetic set of random pixels, then, each in a fresh process so that its peak m
 - convert: ``imagenet64(version=..., allow_partial=True)`` builds the caches (one line printed);
   images/s and the process's peak RSS;
 - load: opens the data set again (the caches are fresh: the time is the check against the source
-  files) and draws ``--batches`` training batches of ``--batch-size`` through ``sdeflow.data.train_batches``
+  files) and draws ``--batches`` training batches of ``--batch-size`` through ``sdeflow.core.batches.train_batches``
   with ``--workers`` DataLoader workers, as the trainer does. Reported: images/s from the first batch
   on; the peak RSS of the main process (VmHWM) and of the largest worker (``getrusage``: each counts
   the shared libraries and the pages it shares with the main process after the fork) and the peak of
@@ -173,7 +173,7 @@ def phase_convert(root: str, version: str, res: int) -> dict:
 
 def draw(train, batches: int, batch_size: int, workers: int) -> dict:
     """Time ``batches`` training batches through the trainer's DataLoader path; memory peaks."""
-    from sdeflow.data import train_batches
+    from sdeflow.core.batches import train_batches
 
     pss = PssPeak()
     loader = train_batches(train, batch_size, seed=0, start=0, stop=batches, num_workers=workers)

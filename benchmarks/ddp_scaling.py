@@ -19,8 +19,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from sdeflow.distributed import init_from_env
-from sdeflow.model import DiffusionModel
+from sdeflow.core.distributed import init_from_env
+from sdeflow.core.model import DiffusionModel
 from sdeflow_builtin.losses import DSM
 from sdeflow_builtin.networks import UNet
 from sdeflow_builtin.parameterizations import Drift

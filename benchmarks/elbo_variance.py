@@ -20,7 +20,7 @@ images, the dequantization), through the run's own estimators (what ``sdeflow ev
 
 Then the probability-flow ODE (MATH.md §7): bpd ± s.e., MC sd (when repeated), NFE per batch, time.
 
-``--estimators`` adds, for the run, every estimator of ``sdeflow.estimators`` (elbo, dsm_elbo, combined_elbo)
+``--estimators`` adds, for the run, every estimator of ``sdeflow.likelihood.estimators`` (elbo, dsm_elbo, combined_elbo)
 × time proposal (uniform, debiased, debiased stratified, fitted, fitted stratified) at K = ``--estimator-k``,
 against the reference (elbo, uniform t, K = 1): the same columns, then ``gain`` = the reference's MC sd@eq /
 the row's, i.e. how many times smaller its per-example noise is at equal wall time. Fitting (a pilot pass
@@ -51,15 +51,16 @@ import attrs
 import numpy as np
 import torch
 
-from sdeflow.config import structure
-from sdeflow.data import eval_batches
-from sdeflow.estimators import make_estimators, pilot_generator
-from sdeflow.evaluate import batch_generator
-from sdeflow.registry import default_registry
-from sdeflow.runfolder import LAST
-from sdeflow.runs import open_run
-from sdeflow.trainer import train
-from sdeflow.transforms import bits_per_dim, mean_and_se
+from sdeflow.assembly.run import open_run
+from sdeflow.components.registry import default_registry
+from sdeflow.core.batches import eval_batches
+from sdeflow.core.statistics import mean_and_se
+from sdeflow.core.transforms import bits_per_dim
+from sdeflow.evaluation.evaluate import batch_generator
+from sdeflow.experiment.config import structure
+from sdeflow.likelihood.estimators import make_estimators, pilot_generator
+from sdeflow.rundir.folder import LAST
+from sdeflow.training.trainer import train
 
 TIME_SAMPLERS = ("uniform", "debiased")
 
@@ -201,7 +202,7 @@ ESTIMATORS = ("elbo", "dsm_elbo", "combined_elbo")
 
 
 def build_estimator(bench: Bench, name: str, proposal: str, k: int):
-    """One estimator of sdeflow.estimators, prepared on a pilot of training examples (untimed)."""
+    """One estimator of sdeflow.likelihood.estimators, prepared on a pilot of training examples (untimed)."""
     sampler, time_proposal, stratify = PROPOSALS[proposal]
     run = bench.run
     cfg = attrs.evolve(run.exp.eval, time_sampler=sampler, time_proposal=time_proposal, stratify_time=stratify)

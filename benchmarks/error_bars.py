@@ -18,7 +18,7 @@ import attrs
 import torch
 
 from sdeflow.api import open_run
-from sdeflow.evaluate import evaluate
+from sdeflow.evaluation.evaluate import evaluate
 
 
 def run_row(run, label: str, estimator: str, cfg, time_sampler: str, seeds: list[int]) -> list[dict]:

@@ -26,9 +26,9 @@ import attrs
 import torch
 
 from sdeflow.api import open_run
-from sdeflow.data import take
-from sdeflow.likelihood import ODEEstimator
-from sdeflow.transforms import bits_per_dim
+from sdeflow.core.batches import take
+from sdeflow.core.transforms import bits_per_dim
+from sdeflow.likelihood.ode import ODEEstimator
 
 TARGET = 0.002
 TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
@@ -48,7 +48,7 @@ def measure(run_dir: str, n: int, bound: str | None) -> list[dict]:
     api = open_run(run_dir)
     run = api._run
     if bound is not None and bound != run.exp.bound:
-        from sdeflow.build import build_bound
+        from sdeflow.assembly.build import build_bound
 
         run.ema.bound = build_bound(attrs.evolve(run.exp, bound=bound), run.data)
     run.ema.eval()

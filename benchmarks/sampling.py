@@ -3,9 +3,9 @@
     sdeflow train experiments/swissroll.yaml          # the default run, if not there yet
     python benchmarks/sampling.py runs/swissroll      # prints the table and the NFE each sampler needs
 
-Quality on vector data is the sliced Wasserstein distance (sdeflow.quality, 512 directions) between
+Quality on vector data is the sliced Wasserstein distance (sdeflow.evaluation.quality, 512 directions) between
 ``--num`` samples and the test split, beside its floor (val against test: what the data itself scores at
-that size). On image data it is FID (sdeflow.quality.inception_quality: Inception-v3 features against the
+that size). On image data it is FID (sdeflow.evaluation.quality.inception_quality: Inception-v3 features against the
 cached statistics of the training images; floor: ``--num`` test images), on a shorter grid, since each
 setting runs ``--num`` images through Inception (about 7 images/s on 2 CPU cores):
 
@@ -27,8 +27,8 @@ import argparse
 import torch
 
 import sdeflow
-from sdeflow.data import take
-from sdeflow.quality import inception_quality, sliced_wasserstein
+from sdeflow.core.batches import take
+from sdeflow.evaluation.quality import inception_quality, sliced_wasserstein
 
 SETTINGS = [  # (sampler, constructor arguments, steps to try)
     ("euler_maruyama", {"lam": 0.0}, [20, 50, 100, 200, 500, 1000]),

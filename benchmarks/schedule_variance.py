@@ -23,8 +23,8 @@ import math
 import torch
 
 import sdeflow
-from sdeflow.build import build_parts
-from sdeflow.elbo import elbo
+from sdeflow.assembly.build import build_parts
+from sdeflow.likelihood.elbo import elbo
 from sdeflow_builtin.time_samplers import Uniform
 
 

@@ -30,9 +30,9 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdeflow.allocator import keep_freed_memory
-from sdeflow.model import DiffusionModel
-from sdeflow.trainer import adam
+from sdeflow.core.model import DiffusionModel
+from sdeflow.training.allocator import keep_freed_memory
+from sdeflow.training.trainer import adam
 from sdeflow_builtin.losses import DSM
 from sdeflow_builtin.networks import PRESETS, UNet
 from sdeflow_builtin.parameterizations import Drift

@@ -1,9 +1,10 @@
 """The YAML reference page, generated at build time (mkdocs-gen-files) so that it cannot drift.
 
 Everything on the page is read from the kernel's public objects: the experiment's top-level keys and run
-settings from ``sdeflow.config`` (``TOP_LEVEL``, ``SECTIONS``, the ``Experiment`` attrs class and the
-comments beside their fields), the launcher section from ``sdeflow.launchers.LauncherConfig``, and every
-kind, hook and component with its arguments from the registry (``sdeflow.registry``, ``sdeflow.schema``),
+settings from ``sdeflow.experiment.config`` (``TOP_LEVEL``, ``SECTIONS``, the ``Experiment`` attrs class and the
+comments beside their fields), the launcher section from ``sdeflow.sweeps.launchers.LauncherConfig``, and every
+kind, hook and component with its arguments from the registry (``sdeflow.components.registry``,
+``sdeflow.components.schema``),
 exactly as ``sdeflow components`` lists them. An argument's description is, in this order, its entry in an
 ``Args:``/``Parameters`` section of the factory's docstring, the comment beside it in the signature, or
 the sentences of the docstring that name it in backquotes.
@@ -303,7 +304,7 @@ def anchor(kind: str, name: str) -> str:
 
 def attrs_rows(cls: type, section: str) -> list[list[str]]:
     """One row per field of an attrs class: key, type, default, the comment beside it (or its note)."""
-    from sdeflow.schema import type_name
+    from sdeflow.components.schema import type_name
 
     comments = {**FIELD_NOTES.get(section, {}), **field_comments(cls)}
     rows = []
@@ -318,8 +319,9 @@ def attrs_rows(cls: type, section: str) -> list[list[str]]:
 
 def experiment_reference() -> str:
     """The experiment file: top-level keys, run-setting sections and component sections."""
-    from sdeflow import config, hookspecs
-    from sdeflow.schema import type_name
+    from sdeflow.components.schema import type_name
+    from sdeflow.core import hookspecs
+    from sdeflow.experiment import config
 
     experiment_fields = {f.name: f for f in attrs.fields(config.Experiment)}
     notes = {**TOP_LEVEL_NOTES, **dict_comments(config, "TOP_LEVEL")}
@@ -343,7 +345,7 @@ def experiment_reference() -> str:
         out += [f"### `{section}:` {{#section-{section}}}", ""]
         if doc and not doc.startswith(f"{cls.__name__}("):
             out += [markdown_docstring(doc), ""]
-        out += [f"Checked against `sdeflow.config.{cls.__name__}`.", "",
+        out += [f"Checked against `sdeflow.experiment.config.{cls.__name__}`.", "",
                 table(["key", "type", "default", "notes"], attrs_rows(cls, section)), ""]
     out += component_sections_reference(config.COMPONENT_DEFAULTS, hookspecs.KINDS,
                                         dict_comments(config, "COMPONENT_DEFAULTS"))
@@ -367,7 +369,7 @@ def component_sections_reference(defaults: dict[str, Any], kinds: dict[str, str]
 
 
 def sweep_reference() -> list[str]:
-    from sdeflow import launchers
+    from sdeflow.sweeps import launchers
 
     example = textwrap.dedent("""\
         ablations:                  # one variant each, besides the experiment's own settings (`base`)
@@ -382,7 +384,7 @@ def sweep_reference() -> list[str]:
             "A variant's name (the ablation's name, then the grid values joined by `-`) becomes the name of "
             "its run folder, so it may hold letters, digits, `.`, `_` and `-` only.", "",
             "```yaml", example.rstrip(), "```", "",
-            "The `launcher:` section is checked against `sdeflow.launchers.LauncherConfig` "
+            "The `launcher:` section is checked against `sdeflow.sweeps.launchers.LauncherConfig` "
             "(`--launcher` and `--jobs` override it):", "",
             table(["key", "type", "default", "notes"], attrs_rows(launchers.LauncherConfig, "launcher")), ""]
 
@@ -398,8 +400,8 @@ def plugin_label(component: Any) -> str:
 
 def component_reference(component: Any, injected: Iterable[str]) -> str:
     """One component: heading, plugin, docstring, example spec and the table of its arguments."""
-    from sdeflow import config
-    from sdeflow.schema import type_name
+    from sdeflow.components.schema import type_name
+    from sdeflow.experiment import config
 
     arguments = component.arguments
     doc = inspect.getdoc(component.factory) or component.description or ""
@@ -426,8 +428,9 @@ def component_reference(component: Any, injected: Iterable[str]) -> str:
 
 
 def kinds_reference(registry: Any) -> str:
-    from sdeflow import config, hookspecs
-    from sdeflow.registry import INJECTED
+    from sdeflow.components.registry import INJECTED
+    from sdeflow.core import hookspecs
+    from sdeflow.experiment import config
 
     out = ["## Components {#components}", "",
            "Every kind, the hook that registers it, and every component registered when this page was built, "
@@ -462,12 +465,13 @@ def plugins_reference(registry: Any) -> str:
 
 def reference_markdown(registry: Any = None) -> str:
     """The whole YAML reference page for ``registry`` (default: every installed plugin, strictly loaded)."""
-    from sdeflow.registry import build_registry
+    from sdeflow.components.registry import build_registry
 
     if registry is None:
         registry = build_registry(strict=True)  # a plugin that fails to load must fail the build, not vanish
     head = ["# YAML reference", "",
-            "*Generated from the registry and `sdeflow.config` when the site is built: it lists exactly what the "
+            "*Generated from the registry and `sdeflow.experiment.config` when the site is built: it lists exactly "
+            "what the "
             "code accepts.*", "",
             "On this page: [the experiment file](#the-experiment-file), "
             "[its component sections](#component-sections), [sweeps](#section-sweep), "

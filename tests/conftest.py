@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdeflow.registry import DISABLE_ENV, ENTRY_POINT_GROUP, STRICT_ENV, reset_default_registry
+from sdeflow.components.registry import DISABLE_ENV, ENTRY_POINT_GROUP, STRICT_ENV, reset_default_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from sdeflow.cli import main
-from sdeflow.runlog import read_metrics
+from sdeflow.cli.main import main
+from sdeflow.rundir.log import read_metrics
 
 TINY: dict[str, Any] = {
     "name": "tiny",

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sdeflow.interfaces import SDE, TimeSampler
+from sdeflow.core.interfaces import SDE, TimeSampler
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sdeflow import allocator
+from sdeflow.training import allocator
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 
@@ -31,7 +31,7 @@ IN_HEAP = (
 def test_a_big_block_comes_from_the_heap_once_the_thresholds_are_set():
     # glibc's defaults serve a first 8 MiB block with its own mmap, unmapped again on free.
     assert run_child(IN_HEAP) == "False"
-    assert run_child("import sdeflow.allocator as a\nprint(a.keep_freed_memory())\n" + IN_HEAP).split() == [
+    assert run_child("import sdeflow.training.allocator as a\nprint(a.keep_freed_memory())\n" + IN_HEAP).split() == [
         "True", "True"]
 
 

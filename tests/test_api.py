@@ -11,8 +11,8 @@ import torch
 
 import sdeflow
 from helpers_exp import run_cli, tiny_config, write_experiment
-from sdeflow.errors import ConfigError
-from sdeflow.results import per_example
+from sdeflow.core.errors import ConfigError
+from sdeflow.rundir.results import per_example
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_batch_bpd_is_the_evaluations_per_example_bpd(trained):
     assert torch.allclose(nats, recorded["nats"], rtol=0, atol=1e-12)
     assert torch.allclose(bpd, nats / (2 * torch.log(torch.tensor(2.0, dtype=torch.float64))), atol=1e-12)
     assert not torch.equal(trained.bpd(x, seed=1), bpd)  # other draws: another unbiased estimate
-    with pytest.raises(sdeflow.errors.SdeflowError, match="one name"):
+    with pytest.raises(sdeflow.core.errors.SdeflowError, match="one name"):
         trained.bpd(x, estimator="elbo,ode")
 
 
@@ -111,7 +111,7 @@ def test_metrics_and_figures(trained):
     assert len(trained.figure("trajectories", n=4, lam=(0.0, 0.5, 1.0), steps=4).axes) == 3
     assert len(trained.figure("samples", n=8).axes) == 1
     assert len(trained.figure("curves").axes) == 2
-    with pytest.raises(sdeflow.errors.SdeflowError, match="expected samples, trajectories or curves"):
+    with pytest.raises(sdeflow.core.errors.SdeflowError, match="expected samples, trajectories or curves"):
         trained.figure("histogram")
 
 

@@ -12,7 +12,7 @@ import torch
 from torchvision import transforms
 
 from fakedata import use_fake_cifar10_checksums, write_cifar10, write_imagenet_new
-from sdeflow.errors import InvalidArgument
+from sdeflow.core.errors import InvalidArgument
 from sdeflow_builtin.augment import AUGMENTATIONS, Augment, check_augment
 from sdeflow_builtin.datasets import cifar10
 from sdeflow_builtin.imagenet import imagenet32

@@ -21,10 +21,10 @@ import torch
 
 from helpers_exp import assert_one_line_error, run_cli, tiny_config, write_experiment
 from oracles import GaussianMixtureOracle, GaussianOracle
-from sdeflow.bounds import Discrete, Truncated, make_bound
-from sdeflow.elbo import dsm_elbo, elbo, elbo_forms
-from sdeflow.model import ExactScoreModel
-from sdeflow.transforms import Affine, bits_per_dim
+from sdeflow.core.bounds import Discrete, Truncated, make_bound
+from sdeflow.core.model import ExactScoreModel
+from sdeflow.core.transforms import Affine, bits_per_dim
+from sdeflow.likelihood.elbo import dsm_elbo, elbo, elbo_forms
 from sdeflow_builtin.dequantizers import Uniform
 from sdeflow_builtin.sdes import VPSDE
 from sdeflow_builtin.time_samplers import Debiased
@@ -225,7 +225,7 @@ def test_the_truncated_dequantizer_is_matched_to_sigma_at_t_eps_in_model_space()
     x = torch.full((1, 5), 0.5, dtype=torch.float64)
     tau = space.dequantizer.tau(x, 256)
     assert torch.allclose(tau, torch.full_like(tau, m * 2 / (2 * 256 * sigma)))  # half-width 1/256 over σ/m
-    from sdeflow.transforms import Logit
+    from sdeflow.core.transforms import Logit
     logit = Truncated().space(Logit(0.05), 256, None, sde).dequantizer.tau(torch.tensor([[0.0, 0.5]]), 256)
     assert float(logit[0, 0]) > 2 * float(logit[0, 1])  # the logit stretches bins near the edges
 
@@ -301,7 +301,7 @@ def test_images_train_and_evaluate_under_each_bound_with_repeated_ode_solves(tmp
     three ELBO estimators and the ODE (two solves per example, log-mean-exp over their dequantization
     draws) report finite bits per dimension, recorded with the bound, the repeats and the data NLL."""
     from fakedata import write_mnist
-    from sdeflow.trainer import train
+    from sdeflow.training.trainer import train
     from test_training import experiment
 
     write_mnist(tmp_path / "data", n_train=12, n_test=4)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sdeflow.cli import main
-from sdeflow.registry import DISABLE_ENV, ENTRY_POINT_GROUP, STRICT_ENV
+from sdeflow.cli.main import main
+from sdeflow.components.registry import DISABLE_ENV, ENTRY_POINT_GROUP, STRICT_ENV
 
 BROKEN = 'raise RuntimeError("boom")\n'
 REAL_PLUGINS = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))

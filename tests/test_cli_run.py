@@ -9,9 +9,9 @@ import pytest
 
 from fakedata import use_fake_cifar10_checksums, write_cifar10, write_mnist
 from helpers_exp import assert_one_line_error, is_png, losses, run_cli, snapshot, write_experiment
-from sdeflow.checkpoint import load
-from sdeflow.config import load_experiment
-from sdeflow.trainer import train
+from sdeflow.experiment.config import load_experiment
+from sdeflow.rundir.checkpoint import load
+from sdeflow.training.trainer import train
 from sdeflow_builtin.losses import DSM
 from sdeflow_builtin.networks import group_norm_silu as fused
 

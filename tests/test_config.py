@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from helpers_exp import assert_one_line_error, run_cli, tiny_config, write_experiment
-from sdeflow.build import check_experiment
-from sdeflow.config import load_experiment, structure
-from sdeflow.errors import ConfigError
-from sdeflow.registry import default_registry
+from sdeflow.assembly.build import check_experiment
+from sdeflow.components.registry import default_registry
+from sdeflow.core.errors import ConfigError
+from sdeflow.experiment.config import load_experiment, structure
 
 # ------------------------------------------------------------------ overrides and defaults
 

@@ -1,7 +1,7 @@
 """CONTRIBUTING.md kept in step with the code: its hook table names every hook spec (and each one registers a
 component, tested here through a plugin built at run time), and its ownership table names every kernel file.
 
-Both lists are read from the code when the tests run (``sdeflow.hookspecs``, ``platform/sdeflow/*.py``), so a
+Both lists are read from the code when the tests run (``sdeflow.core.hookspecs``, ``platform/sdeflow/*.py``), so a
 new hook or module fails here until CONTRIBUTING.md says what it is.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from sdeflow import hookspecs
-from sdeflow.hookspecs import KINDS, hookimpl
-from sdeflow.registry import build_registry
+from sdeflow.components.registry import build_registry
+from sdeflow.core import hookspecs
+from sdeflow.core.hookspecs import KINDS, hookimpl
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRIBUTING = ROOT / "CONTRIBUTING.md"
@@ -24,7 +24,7 @@ KERNEL = ROOT / "platform" / "sdeflow"
 
 HOOK_SPECS = sorted(name for name, value in vars(hookspecs).items()
                     if callable(value) and hasattr(value, f"{hookspecs.PROJECT}_spec"))
-"""Every function ``sdeflow.hookspecs`` marks ``@hookspec``."""
+"""Every function ``sdeflow.core.hookspecs`` marks ``@hookspec``."""
 
 KIND_OF = {hook: kind for kind, hook in KINDS.items()}
 
@@ -55,7 +55,13 @@ def hook_table() -> dict[str, str]:
 
 def owned_files() -> set[str]:
     """Every ``*.py`` named in the first column of "Layout: which file owns what"."""
-    return {name for row in table_rows(section("Layout")) for name in re.findall(r"`([\w.]+\.py)`", row[0])}
+    return {name for row in table_rows(section("Layout")) for name in re.findall(r"`([\w./]+\.py)`", row[0])}
+
+
+def kernel_files() -> set[str]:
+    """Every module of the kernel, by its path under platform/sdeflow/ (a folder's __init__.py aside: its
+    docstring describes the folder)."""
+    return {str(p.relative_to(KERNEL)) for p in KERNEL.rglob("*.py") if p.name != "__init__.py" or p.parent == KERNEL}
 
 
 # --- the hook table -------------------------------------------------------------------------------
@@ -67,17 +73,17 @@ def test_hook_specs_are_found():
 
 @pytest.mark.parametrize("hook", HOOK_SPECS)
 def test_every_hook_spec_is_in_the_hook_table_with_its_kind(hook):
-    assert hook in KIND_OF, f"{hook} is a hook spec but no kind in sdeflow.hookspecs.KINDS"
+    assert hook in KIND_OF, f"{hook} is a hook spec but no kind in sdeflow.core.hookspecs.KINDS"
     table = hook_table()
     assert hook in table, f"CONTRIBUTING.md's hook table ('Writing a plugin') has no row for {hook}"
     kinds = re.findall(r"`([^`]+)`", table[hook])
     assert kinds and kinds[0] == KIND_OF[hook], \
-        f"CONTRIBUTING.md gives {hook} the kind {table[hook]!r}; sdeflow.hookspecs.KINDS says '{KIND_OF[hook]}'"
+        f"CONTRIBUTING.md gives {hook} the kind {table[hook]!r}; sdeflow.core.hookspecs.KINDS says '{KIND_OF[hook]}'"
 
 
 def test_the_hook_table_names_only_hook_specs():
     stale = sorted(set(hook_table()) - set(HOOK_SPECS))
-    assert not stale, f"CONTRIBUTING.md's hook table names hooks that sdeflow.hookspecs does not have: {stale}"
+    assert not stale, f"CONTRIBUTING.md's hook table names hooks that sdeflow.core.hookspecs does not have: {stale}"
 
 
 def one_hook_plugin(hook: str) -> types.ModuleType:
@@ -99,7 +105,7 @@ def one_hook_plugin(hook: str) -> types.ModuleType:
 @pytest.mark.parametrize("hook", HOOK_SPECS)
 def test_a_component_registers_through_every_hook_spec(hook):
     kind = KIND_OF.get(hook)
-    assert kind, f"{hook} is a hook spec but no kind in sdeflow.hookspecs.KINDS"
+    assert kind, f"{hook} is a hook spec but no kind in sdeflow.core.hookspecs.KINDS"
     registry = build_registry([("meta", one_hook_plugin(hook))], entry_points=False, strict=True)
     (plugin,) = registry.plugins
     assert plugin.hooks == (hook,)
@@ -113,11 +119,10 @@ def test_a_component_registers_through_every_hook_spec(hook):
 
 
 def test_every_kernel_module_is_in_the_ownership_table():
-    modules = {path.name for path in KERNEL.glob("*.py")}
-    missing = sorted(modules - owned_files())
+    missing = sorted(kernel_files() - owned_files())
     assert not missing, f"CONTRIBUTING.md's ownership table ('Layout: which file owns what') omits {missing}"
 
 
 def test_the_ownership_table_names_only_kernel_modules():
-    stale = sorted(owned_files() - {path.name for path in KERNEL.glob("*.py")})
+    stale = sorted(owned_files() - kernel_files())
     assert not stale, f"CONTRIBUTING.md's ownership table names files platform/sdeflow/ does not have: {stale}"

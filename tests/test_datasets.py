@@ -16,11 +16,11 @@ from scipy.stats import multivariate_normal
 from torch.utils.data import Subset
 
 from fakedata import use_fake_cifar10_checksums, write_cifar10, write_mnist
-from sdeflow.checkpoint import derive_seed
-from sdeflow.errors import DataError, InvalidArgument
-from sdeflow.registry import DISABLE_ENV, build_registry
-from sdeflow.schema import check_arguments
-from sdeflow.transforms import Identity, Logit, ModelSpace, UnitInterval, bits_per_dim
+from sdeflow.components.registry import DISABLE_ENV, build_registry
+from sdeflow.components.schema import check_arguments
+from sdeflow.core.errors import DataError, InvalidArgument
+from sdeflow.core.seeding import derive_seed
+from sdeflow.core.transforms import Identity, Logit, ModelSpace, UnitInterval, bits_per_dim
 from sdeflow_builtin import datasets
 from sdeflow_builtin.datasets import cifar10, gaussian, mnist, swissroll, swissroll_points
 from sdeflow_builtin.dequantizers import Uniform

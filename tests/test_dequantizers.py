@@ -14,14 +14,14 @@ import torch.multiprocessing as mp
 
 from fakedata import write_mnist
 from helpers_exp import assert_one_line_error, run_cli, write_experiment
-from sdeflow.checkpoint import load
-from sdeflow.distributed import DistContext
-from sdeflow.errors import ConfigError, InvalidArgument
-from sdeflow.model import DiffusionModel
-from sdeflow.objective import Objective
-from sdeflow.registry import default_registry
-from sdeflow.trainer import train
-from sdeflow.transforms import ModelSpace, UnitInterval, bits_per_dim, into_bins
+from sdeflow.assembly.objective import Objective
+from sdeflow.components.registry import default_registry
+from sdeflow.core.distributed import DistContext
+from sdeflow.core.errors import ConfigError, InvalidArgument
+from sdeflow.core.model import DiffusionModel
+from sdeflow.core.transforms import ModelSpace, UnitInterval, bits_per_dim, into_bins
+from sdeflow.rundir.checkpoint import load
+from sdeflow.training.trainer import train
 from sdeflow_builtin.dequantizers import TruncatedNormal, Uniform, Variational
 from sdeflow_builtin.networks.mlp import MLP
 from sdeflow_builtin.parameterizations import Drift

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sdeflow.distributed import DistContext
+from sdeflow.core.distributed import DistContext
 
 WORLD = 2
 
@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 def _tiny_model():
-    from sdeflow.model import DiffusionModel
+    from sdeflow.core.model import DiffusionModel
     from sdeflow_builtin.networks.mlp import MLP
     from sdeflow_builtin.parameterizations import Drift
     from sdeflow_builtin.sdes import VPSDE
@@ -76,8 +76,8 @@ def test_ddp_gradient_equals_single_process_gradient_on_the_union(tmp_path):
 
 
 def _eval_worker(rank: int, store: str, out: str, n_test: int) -> None:
-    from sdeflow.config import EvalConfig
-    from sdeflow.evaluate import elbo_estimator, evaluate
+    from sdeflow.evaluation.evaluate import elbo_estimator, evaluate
+    from sdeflow.experiment.config import EvalConfig
     from sdeflow_builtin.datasets import gaussian
     from sdeflow_builtin.time_samplers import Uniform
 
@@ -96,8 +96,8 @@ def _eval_worker(rank: int, store: str, out: str, n_test: int) -> None:
 
 @pytest.mark.parametrize("n_test", [50, 8], ids=["every-rank-has-batches", "rank-1-has-none"])
 def test_distributed_eval_equals_single_process_eval(tmp_path, n_test):
-    from sdeflow.config import EvalConfig
-    from sdeflow.evaluate import elbo_estimator, evaluate
+    from sdeflow.evaluation.evaluate import elbo_estimator, evaluate
+    from sdeflow.experiment.config import EvalConfig
     from sdeflow_builtin.datasets import gaussian
     from sdeflow_builtin.time_samplers import Uniform
 
@@ -133,7 +133,7 @@ logging: {progress: false, tensorboard: false}
 def _train_worker(rank: int, port: int, argv: list[str]) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from sdeflow.cli import main
+    from sdeflow.cli.main import main
 
     assert main(argv) == 0
 

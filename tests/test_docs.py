@@ -18,10 +18,11 @@ import attrs
 import pytest
 import yaml
 
-from sdeflow import config, launchers
-from sdeflow.hookspecs import KINDS, hookimpl
-from sdeflow.registry import INJECTED, build_registry
-from sdeflow.schema import type_name
+from sdeflow.components.registry import INJECTED, build_registry
+from sdeflow.components.schema import type_name
+from sdeflow.core.hookspecs import KINDS, hookimpl
+from sdeflow.experiment import config
+from sdeflow.sweeps import launchers
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

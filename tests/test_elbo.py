@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from oracles import GaussianMixtureOracle, RandomTimeMLP, gaussian_3d, mixture_2d, one_thread
-from sdeflow.elbo import divergence, elbo, exact_divergence
-from sdeflow.errors import InvalidArgument
-from sdeflow.model import DiffusionModel, ExactScoreModel
-from sdeflow.transforms import mean_and_se
+from sdeflow.core.errors import InvalidArgument
+from sdeflow.core.model import DiffusionModel, ExactScoreModel
+from sdeflow.core.statistics import mean_and_se
+from sdeflow.likelihood.elbo import divergence, elbo, exact_divergence
 from sdeflow_builtin.parameterizations import Drift
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE
 from sdeflow_builtin.time_samplers import Debiased, Uniform

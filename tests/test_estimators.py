@@ -1,4 +1,4 @@
-"""The named likelihood estimators (sdeflow.estimators) and the time proposals they draw from.
+"""The named likelihood estimators (sdeflow.likelihood.estimators) and the time proposals they draw from.
 
 Every estimator × time proposal is an unbiased estimate of the same ELBO (MATH.md §5, §9): with the exact
 score, its mean over many x is log p(x) up to the prior mismatch (≈ 1e-5 nats for VP), checked within
@@ -16,14 +16,14 @@ import torch
 from scipy import integrate, stats
 
 from oracles import FixedTime, RandomTimeMLP, gaussian_3d, mixture_2d, one_thread
-from sdeflow.config import EvalConfig
-from sdeflow.elbo import denoising_constant, dsm_elbo, elbo, elbo_forms, prior_term
-from sdeflow.errors import InvalidArgument
-from sdeflow.estimators import ESTIMATOR_NAMES, make_estimators, parse_estimators, prepare_all
-from sdeflow.evaluate import elbo_estimator
-from sdeflow.model import DiffusionModel, ExactScoreModel
-from sdeflow.time_proposals import FittedProposal, Stratified, log_time_edges
-from sdeflow.transforms import mean_and_se
+from sdeflow.core.errors import InvalidArgument
+from sdeflow.core.model import DiffusionModel, ExactScoreModel
+from sdeflow.core.statistics import mean_and_se
+from sdeflow.evaluation.evaluate import elbo_estimator
+from sdeflow.experiment.config import EvalConfig
+from sdeflow.likelihood.elbo import denoising_constant, dsm_elbo, elbo, elbo_forms, prior_term
+from sdeflow.likelihood.estimators import ESTIMATOR_NAMES, make_estimators, parse_estimators, prepare_all
+from sdeflow.likelihood.time_proposals import FittedProposal, Stratified, log_time_edges
 from sdeflow_builtin.losses import DSM
 from sdeflow_builtin.parameterizations import Drift
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE
@@ -305,7 +305,7 @@ def test_every_estimator_has_json_settings():
 
 
 def test_elbo_estimator_is_still_the_plain_elbo():
-    """sdeflow.evaluate.elbo_estimator gives exactly elbo() on the same stream (results do not move)."""
+    """sdeflow.evaluation.evaluate.elbo_estimator gives exactly elbo() on the same stream (results do not move)."""
     oracle, sde = mixture_2d(), VPSDE()
     model = ExactScoreModel(sde, oracle.score(sde))
     x = oracle.sample(64, torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import json
 import math
 
 from helpers_exp import run_cli, tiny_config, write_experiment
-from sdeflow.summary import COLUMNS
+from sdeflow.sweeps.summary import COLUMNS
 
 
 def test_an_experiment_built_from_the_example_plugin_trains_evaluates_and_samples(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_a_third_party_trainable_sde_is_trained_by_the_bound_and_refused_with_ds
     the ELBO loss), keeps it in the checkpoint and its EMA, and refuses σ²-weighted DSM for it."""
     import torch
 
-    from sdeflow.checkpoint import load
+    from sdeflow.rundir.checkpoint import load
 
     sde = {"name": "vp_learned_beta", "beta": 5.0}
     path = write_experiment(tmp_path, tiny_config(sde=sde, loss={"name": "elbo"},

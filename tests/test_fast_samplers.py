@@ -18,12 +18,12 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from oracles import GaussianOracle, gaussian_3d, one_thread
-from sdeflow.errors import InvalidArgument
-from sdeflow.interfaces import SDE, bcast, gaussian_log_prob, time_grid
-from sdeflow.likelihood import ode_velocity
-from sdeflow.model import ExactScoreModel
-from sdeflow.registry import default_registry
-from sdeflow.time_grids import karras, log_snr, make_grid, noise_to_signal, uniform_log_snr, uniform_t
+from sdeflow.components.registry import default_registry
+from sdeflow.core.errors import InvalidArgument
+from sdeflow.core.interfaces import SDE, bcast, gaussian_log_prob, time_grid
+from sdeflow.core.model import ExactScoreModel
+from sdeflow.core.time_grids import karras, log_snr, make_grid, noise_to_signal, uniform_log_snr, uniform_t
+from sdeflow.likelihood.ode import ode_velocity
 from sdeflow_builtin.samplers import ODE, DPMSolver, EulerMaruyama, Heun, PredictorCorrector
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE
 

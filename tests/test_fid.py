@@ -1,5 +1,5 @@
-"""FID and KID (sdeflow.quality, sdeflow.inception): the Fréchet distance against scipy and closed forms,
-KID against its closed form, the cached reference statistics, and `eval --metrics fid,kid` end to end
+"""FID and KID (sdeflow.evaluation.quality, sdeflow.evaluation.inception): the Fréchet distance against scipy and
+closed forms, KID against its closed form, the cached reference statistics, and `eval --metrics fid,kid` end to end
 with a tiny random TorchScript extractor; the real Inception-v3 where the "sdeflow[fid]" extra is installed."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 import scipy.linalg
 import torch
 
-import sdeflow.inception as inception
+import sdeflow.evaluation.inception as inception
 from fakedata import write_mnist
 from helpers_exp import assert_one_line_error, run_cli, write_experiment
-from sdeflow.errors import InvalidArgument
-from sdeflow.inception import InceptionFeatures, Statistics, cached_statistics, find_weights
-from sdeflow.quality import frechet_distance, kernel_inception_distance
+from sdeflow.core.errors import InvalidArgument
+from sdeflow.evaluation.inception import InceptionFeatures, Statistics, cached_statistics, find_weights
+from sdeflow.evaluation.quality import frechet_distance, kernel_inception_distance
 
 TINY_UNET = {"name": "unet", "ch": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "num_groups": 4}
 

@@ -11,9 +11,9 @@ import torch
 
 from fakedata import write_image_folder, write_png
 from helpers_exp import write_experiment
-from sdeflow.config import load_experiment
-from sdeflow.errors import DataError, InvalidArgument
-from sdeflow.trainer import train
+from sdeflow.core.errors import DataError, InvalidArgument
+from sdeflow.experiment.config import load_experiment
+from sdeflow.training.trainer import train
 from sdeflow_builtin.datasets import hold_out_indices
 from sdeflow_builtin.image_folder import image_folder, split_indices
 

@@ -15,8 +15,8 @@ import torch
 from torchvision.transforms import ToTensor
 
 from fakedata import write_imagenet_new
-from sdeflow.data import train_batches
-from sdeflow.errors import DataError
+from sdeflow.core.batches import train_batches
+from sdeflow.core.errors import DataError
 from sdeflow_builtin import imagecache
 from sdeflow_builtin.imagecache import MemmapImages, cache_folders, fingerprint, open_cache, stale_reason
 from sdeflow_builtin.imagenet import imagenet32

@@ -14,11 +14,11 @@ import torch
 
 from fakedata import imagenet_train_folder, write_imagenet_new, write_imagenet_old
 from helpers_exp import write_experiment
-from sdeflow.build import build_data
-from sdeflow.config import load_experiment
-from sdeflow.errors import ConfigError, DataError, InvalidArgument
-from sdeflow.registry import DISABLE_ENV, build_registry
-from sdeflow.transforms import Affine, Logit
+from sdeflow.assembly.build import build_data
+from sdeflow.components.registry import DISABLE_ENV, build_registry
+from sdeflow.core.errors import ConfigError, DataError, InvalidArgument
+from sdeflow.core.transforms import Affine, Logit
+from sdeflow.experiment.config import load_experiment
 from sdeflow_builtin.datasets import hold_out_indices
 from sdeflow_builtin.imagenet import OFFICIAL_SIZES, check_sizes, imagenet32, imagenet64
 

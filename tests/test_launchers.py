@@ -15,9 +15,9 @@ import time
 import pytest
 
 from helpers_exp import assert_one_line_error, run_cli, tiny_config, write_experiment
-from sdeflow.jobstate import JOB_FILE
-from sdeflow.launchers import read_launcher
-from sdeflow.preemption import EXIT_PREEMPTED
+from sdeflow.sweeps.jobstate import JOB_FILE
+from sdeflow.sweeps.launchers import read_launcher
+from sdeflow.training.preemption import EXIT_PREEMPTED
 
 pytest.importorskip("submitit", reason="the local and slurm launchers need submitit: pip install -e '.[test]'")
 
@@ -77,9 +77,9 @@ def test_status_of_a_sweep_in_progress_says_pending_running_and_stopped(tmp_path
     path = write_experiment(tmp_path, tiny_config(ablations=FOUR[:2]))
     runs = tmp_path / "runs"
     assert run_cli(capsys, "sweep", path, "--runs-dir", runs, "--only", "base")[0] == 0
-    from sdeflow.runfolder import RunLock
-    from sdeflow.summary import write_plan
-    from sdeflow.sweep import prepare
+    from sdeflow.rundir.folder import RunLock
+    from sdeflow.sweeps.summary import write_plan
+    from sdeflow.sweeps.sweep import prepare
 
     write_plan(runs, prepare(path))
     (runs / "score").mkdir()
@@ -95,7 +95,7 @@ def test_status_of_a_sweep_in_progress_says_pending_running_and_stopped(tmp_path
 def test_a_sigterm_stops_a_local_sweep_with_a_checkpoint_in_every_running_variant(tmp_path, capsys):
     path = swissroll_sweep(tmp_path, steps=100_000, checkpoint_every=0, log_every=10)
     runs = tmp_path / "runs"
-    code = "import sys; from sdeflow.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from sdeflow.cli.main import main; sys.exit(main(sys.argv[1:]))"
     process = subprocess.Popen([sys.executable, "-c", code, "sweep", str(path), "--runs-dir", str(runs),
                                 "--launcher", "local", "--jobs", "2"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -108,7 +108,7 @@ def test_a_sigterm_stops_a_local_sweep_with_a_checkpoint_in_every_running_varian
     out, err = process.communicate(timeout=180)
     assert process.returncode == EXIT_PREEMPTED, err
     assert "saved mid-run: base, score" in err
-    from sdeflow.checkpoint import load
+    from sdeflow.rundir.checkpoint import load
 
     for name in ("base", "score"):
         record = json.loads((runs / name / JOB_FILE).read_text())

@@ -18,14 +18,14 @@ from torchdiffeq import odeint
 
 from helpers_exp import run_cli, tiny_config
 from oracles import GaussianOracle, RandomTimeMLP, gaussian_3d, one_thread
-from sdeflow.config import structure
-from sdeflow.elbo import elbo, exact_divergence
-from sdeflow.likelihood import ode_log_likelihood, ode_velocity
-from sdeflow.model import DiffusionModel, ExactScoreModel
-from sdeflow.registry import default_registry
-from sdeflow.runs import open_run
-from sdeflow.trainer import train
-from sdeflow.transforms import mean_and_se
+from sdeflow.assembly.run import open_run
+from sdeflow.components.registry import default_registry
+from sdeflow.core.model import DiffusionModel, ExactScoreModel
+from sdeflow.core.statistics import mean_and_se
+from sdeflow.experiment.config import structure
+from sdeflow.likelihood.elbo import elbo, exact_divergence
+from sdeflow.likelihood.ode import ode_log_likelihood, ode_velocity
+from sdeflow.training.trainer import train
 from sdeflow_builtin.parameterizations import Drift
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE
 from sdeflow_builtin.time_samplers import Debiased, Uniform
@@ -88,7 +88,7 @@ def test_exact_score_ode_log_likelihood_has_only_solver_error(sde_name, time):
 def test_ode_repeats_combine_their_dequantization_draws_in_data_space():
     """``repeated`` returns the log p(z) whose bpd is that of the mean (or log-mean-exp) of the K draws'
     log p(x̃_k) − log q_k, whatever the first draw's log-det and log q."""
-    from sdeflow.evaluate import repeated
+    from sdeflow.evaluation.evaluate import repeated
 
     values = iter([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0])])
     draws = iter([(torch.zeros(2, 1), torch.tensor([0.5, 0.5]), torch.tensor([0.1, 0.2]))])

@@ -15,10 +15,10 @@ import torch
 from scipy import integrate
 
 from oracles import FixedTime, GaussianOracle, RandomTimeMLP, gaussian_3d, one_thread, random_cov
-from sdeflow.elbo import elbo
-from sdeflow.errors import InvalidArgument
-from sdeflow.model import DiffusionModel, ExactScoreModel
-from sdeflow.transforms import mean_and_se
+from sdeflow.core.errors import InvalidArgument
+from sdeflow.core.model import DiffusionModel, ExactScoreModel
+from sdeflow.core.statistics import mean_and_se
+from sdeflow.likelihood.elbo import elbo
 from sdeflow_builtin.losses import DSM, NegativeELBO, dsm_per_time
 from sdeflow_builtin.parameterizations import Drift, Noise, Score
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdeflow.errors import InvalidArgument
-from sdeflow.registry import build_registry
-from sdeflow.schema import check_arguments
+from sdeflow.components.registry import build_registry
+from sdeflow.components.schema import check_arguments
+from sdeflow.core.errors import InvalidArgument
 from sdeflow_builtin.networks import MLP, UNet
 from sdeflow_builtin.networks.embedding import batch_times, sinusoidal_embedding
 from sdeflow_builtin.networks.unet import ResBlock, SelfAttention, Upsample

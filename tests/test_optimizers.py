@@ -16,15 +16,15 @@ import yaml
 
 from helpers_exp import assert_one_line_error, losses, run_cli, tiny_config, write_experiment
 from sdeflow.api import component
-from sdeflow.checkpoint import load, save_atomic
-from sdeflow.config import load_experiment
-from sdeflow.distributed import DistContext
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import Loss
-from sdeflow.registry import build_registry
-from sdeflow.runlog import read_metrics
-from sdeflow.runs import build_run
-from sdeflow.trainer import Trainer, train
+from sdeflow.assembly.run import build_run
+from sdeflow.components.registry import build_registry
+from sdeflow.core.distributed import DistContext
+from sdeflow.core.hookspecs import hookimpl
+from sdeflow.core.interfaces import Loss
+from sdeflow.experiment.config import load_experiment
+from sdeflow.rundir.checkpoint import load, save_atomic
+from sdeflow.rundir.log import read_metrics
+from sdeflow.training.trainer import Trainer, train
 from sdeflow_builtin.losses import dsm_per_time
 from test_training import Killed, assert_same_state
 
@@ -337,8 +337,8 @@ def test_under_ddp_accumulated_micro_batches_all_reduce_once_and_give_the_update
 
 
 def test_under_ddp_accumulate_must_split_every_ranks_share_equally(tmp_path):
-    from sdeflow.build import check_accumulate
-    from sdeflow.errors import ConfigError
+    from sdeflow.assembly.build import check_accumulate
+    from sdeflow.core.errors import ConfigError
 
     exp = experiment(tmp_path, "train.accumulate=8")  # batch 32: 8 micro-batches of 4 in one process
     check_accumulate(exp, world=1)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from oracles import RandomTimeMLP
-from sdeflow.interfaces import bcast
-from sdeflow.model import DiffusionModel
+from sdeflow.core.interfaces import bcast
+from sdeflow.core.model import DiffusionModel
 from sdeflow_builtin.parameterizations import Drift, Noise, Score
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE
 

@@ -21,11 +21,7 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow import hookspecs
-from sdeflow.errors import ConfigError, InvalidArgument, PluginError
-from sdeflow.hookspecs import KINDS, hookimpl
-from sdeflow.interfaces import TabulatedTimeDensity, gaussian_log_prob
-from sdeflow.registry import (
+from sdeflow.components.registry import (
     DISABLE_ENV,
     ENTRY_POINT_GROUP,
     STRICT_ENV,
@@ -35,7 +31,11 @@ from sdeflow.registry import (
     plugin_components,
     reset_default_registry,
 )
-from sdeflow.schema import check_arguments
+from sdeflow.components.schema import check_arguments
+from sdeflow.core import hookspecs
+from sdeflow.core.errors import ConfigError, InvalidArgument, PluginError
+from sdeflow.core.hookspecs import KINDS, hookimpl
+from sdeflow.core.interfaces import TabulatedTimeDensity, gaussian_log_prob
 
 REAL_PLUGINS = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 """Entry points installed before any test fakes one: the built-ins and the example plugin."""
@@ -43,7 +43,7 @@ REAL_PLUGINS = sorted(ep.name for ep in importlib.metadata.entry_points(group=EN
 EXAMPLE_MISSING = "the example plugin is not installed: pip install -e examples/sdeflow-example-plugin"
 
 SHARED_SDE = '''
-from sdeflow.hookspecs import hookimpl
+from sdeflow.core.hookspecs import hookimpl
 
 class Shared:
     """A fake SDE."""
@@ -57,7 +57,7 @@ def sdeflow_register_sdes(register):
 '''
 
 EXTRA_LOSS = """
-from sdeflow.hookspecs import hookimpl
+from sdeflow.core.hookspecs import hookimpl
 
 @hookimpl
 def sdeflow_register_losses(register):

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from sdeflow.build import build_parts
-from sdeflow.checkpoint import load
-from sdeflow.config import load_experiment
-from sdeflow.trainer import train
+from sdeflow.assembly.build import build_parts
+from sdeflow.experiment.config import load_experiment
+from sdeflow.rundir.checkpoint import load
+from sdeflow.training.trainer import train
 
 EXPERIMENT = """
 name: switches

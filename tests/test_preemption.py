@@ -12,11 +12,11 @@ import pytest
 import torch.multiprocessing as mp
 
 from helpers_exp import losses, run_cli, tiny_config, write_experiment
-from sdeflow.checkpoint import load
-from sdeflow.config import load_experiment
-from sdeflow.preemption import EXIT_PREEMPTED, Preempted, StopRequests
-from sdeflow.results import headline
-from sdeflow.trainer import Trainer, train
+from sdeflow.experiment.config import load_experiment
+from sdeflow.rundir.checkpoint import load
+from sdeflow.rundir.results import headline
+from sdeflow.training.preemption import EXIT_PREEMPTED, Preempted, StopRequests
+from sdeflow.training.trainer import Trainer, train
 from test_distributed import WORLD, _free_port
 from test_reliability import sdeflow_process
 from test_training import Killed, assert_same_state
@@ -111,7 +111,7 @@ def test_a_second_signal_during_the_save_changes_nothing(tmp_path):
     run = tmp_path / "run"
     second_signal_while_saving = """
         import os, signal, torch
-        from sdeflow.trainer import Trainer
+        from sdeflow.training.trainer import Trainer
         honest_step, real_save = Trainer.train_step, torch.save
         def step(self, x):
             if self.step == 4:
@@ -172,7 +172,7 @@ def test_stop_requests_outside_the_main_thread_install_nothing():
 def _ddp_worker(rank: int, port: int, argv: list[str], out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from sdeflow.cli import main
+    from sdeflow.cli.main import main
 
     honest_step = Trainer.train_step
 

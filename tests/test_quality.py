@@ -1,4 +1,4 @@
-"""Sample-quality metrics (sdeflow.quality) against closed forms, and `eval --metrics` end to end."""
+"""Sample-quality metrics (sdeflow.evaluation.quality) against closed forms, and `eval --metrics` end to end."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 import sdeflow
 from helpers_exp import assert_one_line_error, run_cli, write_experiment
-from sdeflow.errors import ConfigError, InvalidArgument
-from sdeflow.quality import mmd, parse_metrics, sample_quality, sliced_wasserstein
+from sdeflow.core.errors import ConfigError, InvalidArgument
+from sdeflow.evaluation.quality import mmd, parse_metrics, sample_quality, sliced_wasserstein
 
 
 def gaussian(n: int, d: int, seed: int) -> torch.Tensor:

@@ -21,14 +21,14 @@ import pytest
 import torch
 import yaml
 
-import sdeflow.elbo
+import sdeflow.likelihood.elbo
 from helpers_exp import assert_one_line_error, losses, run_cli, snapshot, tiny_config, write_experiment
-from sdeflow.checkpoint import load
-from sdeflow.config import safe_load_capped
-from sdeflow.errors import ConfigError
-from sdeflow.results import per_example
-from sdeflow.runfolder import RunLock
-from sdeflow.runlog import read_metrics
+from sdeflow.core.errors import ConfigError
+from sdeflow.experiment.config import safe_load_capped
+from sdeflow.rundir.checkpoint import load
+from sdeflow.rundir.folder import RunLock
+from sdeflow.rundir.log import read_metrics
+from sdeflow.rundir.results import per_example
 
 LAST = Path("checkpoints") / "last.pt"
 PREVIOUS = Path("checkpoints") / "previous.pt"
@@ -36,7 +36,7 @@ PREVIOUS = Path("checkpoints") / "previous.pt"
 
 def sdeflow_process(*argv, script: str = "", **kwargs) -> subprocess.Popen:
     """``sdeflow ARGV`` in a fresh Python process, after running ``script`` (e.g. a fault to inject)."""
-    code = textwrap.dedent(script) + "\nimport sys\nfrom sdeflow.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    code = textwrap.dedent(script) + "\nimport sys\nfrom sdeflow.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -55,12 +55,12 @@ def trained(tmp_path, capsys):
 
 def test_a_second_trainer_on_a_busy_run_folder_fails_at_once_naming_the_holder(tmp_path, capsys):
     path = write_experiment(tmp_path, tiny_config(train={"steps": 200_000, "log_every": 100,
-                                                         "checkpoint_every": 1000}))
+                                                         "checkpoint_every": 100}))
     run = tmp_path / "run"
     first = sdeflow_process("train", path, "--run-dir", run)
     try:
         deadline = time.monotonic() + 60
-        while not (run / "metrics.jsonl").exists() or not read_metrics(run):  # training is under way
+        while not any("checkpoint" in r for r in read_metrics(run)):  # training is under way, and saved
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
         before = losses(run)
@@ -132,7 +132,7 @@ def test_evaluation_records_are_keyed_and_kept_side_by_side(trained, capsys):
 def test_a_nan_evaluation_is_an_error_and_is_not_recorded(trained, capsys, monkeypatch):
     _, run = trained
     before = snapshot(run)
-    monkeypatch.setattr(sdeflow.elbo, "elbo_integrand", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(sdeflow.likelihood.elbo, "elbo_integrand", lambda *a, **k: torch.tensor(float("nan")))
     status, _, err = run_cli(capsys, "eval", run)
     assert_one_line_error(status, err, "elbo on the test split is not finite", "nothing was recorded")
     assert snapshot(run) == before
@@ -351,12 +351,39 @@ def test_every_change_on_resume_is_announced_and_kept_in_the_config_history(trai
 def test_settings_added_since_a_run_began_are_not_changes(trained, capsys):
     path, run = trained
     config = yaml.safe_load((run / "config.yaml").read_text())
-    del config["eval"]["stratify_time"], config["train"]["num_workers"]  # as written by an older sdeflow
+    del config["sdeflow"]  # as written by sdeflow 0.1: no header, so not a complete config
+    del config["eval"]["stratify_time"], config["train"]["num_workers"], config["sde"]["t_eps"]
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.steps=6")
     assert status == 0, err
     assert [line for line in err.splitlines() if "changed on resume" in line] == [
         "sdeflow: train.steps changed on resume: 4 → 6"]
+    (announced,) = [line for line in err.splitlines() if "predates complete configs" in line]
+    assert "3 setting(s)" in announced and "sde.t_eps=0.001" in announced  # today's defaults, said once
+    assert yaml.safe_load((run / "config.yaml").read_text())["sdeflow"]["config"] == 2  # now complete
+
+
+def test_a_complete_config_missing_a_setting_is_damaged_not_filled(trained, capsys):
+    path, run = trained
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["train"]["ema"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    before = snapshot(run)
+    for argv in (["eval", run], ["sample", run], ["train", path, "--run-dir", run, "train.steps=6"]):
+        status, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(status, err, "config.yaml: train.ema: missing", "damaged")
+        assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("cut", ["network:", "train:", "eval:", "  ode_method:", "sample:", "logging:"])
+def test_a_config_cut_short_at_a_line_is_refused_and_nothing_is_replaced(trained, capsys, cut):
+    _, run = trained
+    lines = (run / "config.yaml").read_text().splitlines(keepends=True)
+    (run / "config.yaml").write_text("".join(lines[: next(i for i, line in enumerate(lines) if line.startswith(cut))]))
+    before = snapshot(run)
+    status, _, err = run_cli(capsys, "eval", run)
+    assert_one_line_error(status, err, "config.yaml", "missing")
+    assert snapshot(run) == before
 
 
 def test_rerunning_a_finished_run_does_nothing_but_say_so(tmp_path, capsys):
@@ -390,7 +417,7 @@ def test_a_damaged_metrics_file_is_skipped_line_by_line_and_resume_goes_on(train
 BOOM_IMPORT = 'raise ImportError("no module named torch_boom")\n'
 EXITING = "import sys\nsys.exit(3)\n"
 FAILING_FACTORIES = '''
-from sdeflow.hookspecs import hookimpl
+from sdeflow.core.hookspecs import hookimpl
 from sdeflow_builtin.sdes import VPSDE
 
 def runtime(**kwargs):
@@ -409,7 +436,7 @@ def sdeflow_register_sdes(register):
     register("value_sde", value)
 '''
 CLASH = '''
-from sdeflow.hookspecs import hookimpl
+from sdeflow.core.hookspecs import hookimpl
 from sdeflow_builtin.sdes import VPSDE
 
 @hookimpl

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from helpers_exp import assert_one_line_error, losses, run_cli, snapshot, tiny_config, write_experiment
-from sdeflow.checkpoint import derive_seed
-from sdeflow.runlog import read_metrics
-from sdeflow.trainer import Trainer, step_seed
+from sdeflow.core.seeding import derive_seed
+from sdeflow.rundir.log import read_metrics
+from sdeflow.training.trainer import Trainer, step_seed
 
 
 def test_lambda_features_need_a_lambda_family_sampler(tmp_path, capsys):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from oracles import GaussianOracle, RandomTimeMLP, one_thread
-from sdeflow.errors import InvalidArgument
-from sdeflow.model import DiffusionModel, ExactScoreModel
+from sdeflow.core.errors import InvalidArgument
+from sdeflow.core.model import DiffusionModel, ExactScoreModel
 from sdeflow_builtin.parameterizations import Score
 from sdeflow_builtin.samplers import EulerMaruyama, PredictorCorrector
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE

@@ -1,4 +1,4 @@
-"""Argument schemas (sdeflow.schema): derived from signatures, coercion of YAML values, error messages."""
+"""Argument schemas (sdeflow.components.schema): derived from signatures, coercion of YAML values, error messages."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any, Literal, Optional
 import attrs
 import pytest
 
-from sdeflow.errors import ConfigError
-from sdeflow.schema import TypeMismatch, check_arguments, coerce, signature_schema, type_name
+from sdeflow.components.schema import TypeMismatch, check_arguments, coerce, signature_schema, type_name
+from sdeflow.core.errors import ConfigError
 
 
 class LinearVP:

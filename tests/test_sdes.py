@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sdeflow.errors import InvalidArgument
+from sdeflow.core.errors import InvalidArgument
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE
 
 SDES = {

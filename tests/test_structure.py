@@ -1,4 +1,6 @@
-"""The kernel's module graph has no import circle (lazy imports inside functions included)."""
+"""The kernel's shape: its folders are its layers. No import circle between modules or between
+subpackages (lazy imports inside functions included), and every import goes down the layering that
+CONTRIBUTING states, never up."""
 
 from __future__ import annotations
 
@@ -7,18 +9,64 @@ from pathlib import Path
 
 KERNEL = Path(__file__).resolve().parents[1] / "platform" / "sdeflow"
 
+LAYERS = [
+    {"core"},
+    {"components"},
+    {"experiment"},
+    {"likelihood", "rundir"},
+    {"evaluation"},
+    {"assembly"},
+    {"training"},
+    {"sweeps"},
+    {"api", "plugin", "launchers"},
+    {"cli"},
+    {"__init__", "__main__"},
+]
+"""Each subpackage (or top-level module) of ``sdeflow``, lowest first: a layer imports only from lower
+layers and from itself (CONTRIBUTING, "Layout")."""
+
+
+def module_name(path: Path) -> str:
+    """``core/errors.py`` → ``core.errors``; ``api.py`` → ``api``; a package's __init__ is the package."""
+    parts = list(path.relative_to(KERNEL).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
+    """The kernel modules a relative ``from`` import in ``module`` names."""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+    if node.module:
+        target = [*base, *node.module.split(".")]
+        return [".".join(target), *(".".join([*target, a.name]) for a in node.names)]
+    return [".".join([*base, a.name]) for a in node.names]
+
 
 def kernel_imports() -> dict[str, set[str]]:
     """{module: kernel modules it imports anywhere in its body}."""
-    modules = {p.stem for p in KERNEL.glob("*.py")}
+    paths = {module_name(p): p for p in KERNEL.rglob("*.py")}
     graph = {}
-    for path in KERNEL.glob("*.py"):
+    for name, path in paths.items():
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-        graph[path.stem] = (deps & modules) - {path.stem}
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                deps |= {m for m in resolve(name, path.name == "__init__.py", node) if m in paths}
+        graph[name] = deps - {name}
     return graph
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[0]
+
+
+def package_imports() -> dict[str, set[str]]:
+    """{subpackage: the other subpackages (or top-level modules) its modules import}."""
+    graph: dict[str, set[str]] = {}
+    for module, deps in kernel_imports().items():
+        graph.setdefault(package_of(module), set()).update(package_of(d) for d in deps)
+    return {package: deps - {package} for package, deps in graph.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -26,7 +74,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str, path: list[str]) -> list[str] | None:
         state[node] = 1
-        for dep in sorted(graph[node]):
+        for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
                 return path[path.index(dep):] + [dep]
             if dep not in state and (cycle := visit(dep, [*path, dep])):
@@ -45,16 +93,45 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_the_import_reader_resolves_relative_imports_in_subpackages():
+    graph = kernel_imports()
+    assert "core.errors" in graph["components.registry"]
+    assert {"training.milestones", "assembly.run"} <= graph["training.trainer"]
+    assert "rundir.folder" in graph["api"]
+
+
 def test_no_import_circle_in_the_kernel():
     graph = kernel_imports()
-    assert {"api", "cli", "trainer", "runs", "runfolder", "evaluate"} <= set(graph)
+    assert {"api", "cli.main", "training.trainer", "assembly.run", "rundir.folder", "evaluation.evaluate"} <= set(graph)
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
+
+
+def test_no_import_circle_between_subpackages():
+    graph = package_imports()
+    assert {"core", "likelihood", "training", "sweeps", "cli"} <= set(graph)
+    assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
+
+
+def test_every_import_goes_down_the_layers():
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    assert set(package_imports()) == set(layer), "every subpackage has a layer (and only those that exist)"
+    upward = sorted(f"{module} → {dep}" for module, deps in kernel_imports().items() for dep in deps
+                    if layer[package_of(dep)] > layer[package_of(module)])
+    assert not upward, f"imports that climb a layer: {upward}"
+    sideways = sorted(f"{module} → {dep}" for module, deps in kernel_imports().items() for dep in deps
+                      if package_of(dep) != package_of(module)
+                      and layer[package_of(dep)] == layer[package_of(module)])
+    assert not sideways, f"imports between packages of one layer: {sideways}"
+
+
+def test_the_core_imports_nothing_else_of_sdeflow():
+    assert package_imports()["core"] == set()
 
 
 def test_every_command_line_option_is_described():
     import argparse
 
-    from sdeflow.cli import build_parser
+    from sdeflow.cli.main import build_parser
 
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, write_experiment
-from sdeflow.errors import ConfigError, SdeflowError
-from sdeflow.results import per_example
-from sdeflow.runlog import read_metrics
-from sdeflow.summary import own_settings_variant, write_summary
-from sdeflow.sweep import expand, prepare, run_sweep
-from sdeflow.yamlio import read_yaml
+from sdeflow.core.errors import ConfigError, SdeflowError
+from sdeflow.experiment.files import read_yaml
+from sdeflow.rundir.log import read_metrics
+from sdeflow.rundir.results import per_example
+from sdeflow.sweeps.summary import own_settings_variant, write_summary
+from sdeflow.sweeps.sweep import expand, prepare, run_sweep
 
 SOURCE = "exp.yaml"
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from oracles import GaussianOracle
-from sdeflow.config import EvalConfig
-from sdeflow.estimators import make_estimators, prepare_all
-from sdeflow.evaluate import format_results, summarize
-from sdeflow.model import ExactScoreModel
-from sdeflow.tails import WARN_K, pareto_k, tail_diagnostic
+from sdeflow.core.model import ExactScoreModel
+from sdeflow.core.statistics import WARN_K, pareto_k, tail_diagnostic
+from sdeflow.evaluation.evaluate import format_results, summarize
+from sdeflow.experiment.config import EvalConfig
+from sdeflow.likelihood.estimators import make_estimators, prepare_all
 from sdeflow_builtin.sdes import VPSDE
 from sdeflow_builtin.time_samplers import Debiased, Uniform
 

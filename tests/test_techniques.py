@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdeflow.registry import default_registry
+from sdeflow.components.registry import default_registry
 from sdeflow_builtin.parameterizations import Noise, Velocity
 from sdeflow_builtin.sdes import VESDE, VPSDE, LearnedVPSDE, SubVPSDE
 from sdeflow_builtin.time_samplers import LogSNR, log_snr

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from sdeflow.interfaces import TabulatedTimeDensity
+from sdeflow.core.interfaces import TabulatedTimeDensity
 from sdeflow_builtin.sdes import VESDE, VPSDE, SubVPSDE, VPLikelihoodTimeDensity
 from sdeflow_builtin.time_samplers import Debiased, Uniform
 

@@ -1,4 +1,4 @@
-"""Trainable components (sdeflow.objective) and the learned VP SDE: closed forms, the ELBO oracle for any
+"""Trainable components (sdeflow.assembly.objective) and the learned VP SDE: closed forms, the ELBO oracle for any
 interior shape, gradients to every trainable parameter, the loss/trainable check, per-component rates,
 densities that are never stale, exact resume, and DDP over 2 gloo ranks against one process."""
 
@@ -15,19 +15,20 @@ import torch.multiprocessing as mp
 
 from helpers_exp import assert_one_line_error, run_cli, write_experiment
 from oracles import gaussian_3d, one_thread
-from sdeflow.bounds import make_bound
-from sdeflow.checkpoint import load
-from sdeflow.distributed import DistContext
-from sdeflow.elbo import dsm_elbo, elbo, prior_term
-from sdeflow.errors import ConfigError
-from sdeflow.hookspecs import hookimpl
-from sdeflow.interfaces import SDE, Loss, TabulatedTimeDensity, flat_sum
-from sdeflow.model import DiffusionModel, ExactScoreModel
-from sdeflow.objective import Objective
-from sdeflow.registry import default_registry
-from sdeflow.runs import build_run
-from sdeflow.trainer import Trainer, train
-from sdeflow.transforms import UnitInterval, mean_and_se
+from sdeflow.assembly.objective import Objective
+from sdeflow.assembly.run import build_run
+from sdeflow.components.registry import default_registry
+from sdeflow.core.bounds import make_bound
+from sdeflow.core.distributed import DistContext
+from sdeflow.core.errors import ConfigError
+from sdeflow.core.hookspecs import hookimpl
+from sdeflow.core.interfaces import SDE, Loss, TabulatedTimeDensity, flat_sum
+from sdeflow.core.model import DiffusionModel, ExactScoreModel
+from sdeflow.core.statistics import mean_and_se
+from sdeflow.core.transforms import UnitInterval
+from sdeflow.likelihood.elbo import dsm_elbo, elbo, prior_term
+from sdeflow.rundir.checkpoint import load
+from sdeflow.training.trainer import Trainer, train
 from sdeflow_builtin.losses import NegativeELBO
 from sdeflow_builtin.networks.mlp import MLP
 from sdeflow_builtin.parameterizations import Drift
@@ -158,11 +159,11 @@ def test_the_denoising_form_needs_an_sde_with_linear_drift(tmp_path, capsys):
     assert status == 0, err
     status, _, err = run_cli(capsys, "check", "experiments/swissroll.yaml", "sde={name: vp_const}")
     assert status == 0, err
-    from sdeflow.registry import build_registry
+    from sdeflow.components.registry import build_registry
 
     registry = build_registry([("nonaffine", NonAffinePlugin)], entry_points=True)
-    from sdeflow.build import check_experiment
-    from sdeflow.config import load_experiment
+    from sdeflow.assembly.build import check_experiment
+    from sdeflow.experiment.config import load_experiment
 
     path = write_experiment(tmp_path, sde={"name": "vp_cubic"}, loss={"name": "elbo", "form": "denoising"})
     with pytest.raises(ConfigError, match=r"loss.form: .*f\(y, t\) differs from κ\(t\) y.*not affine.*vp_cubic"):

@@ -9,17 +9,17 @@ import pytest
 import torch
 import yaml
 
-import sdeflow.checkpoint
-import sdeflow.optim
-import sdeflow.runfolder
-import sdeflow.trainer
+import sdeflow.rundir.checkpoint
+import sdeflow.rundir.folder
+import sdeflow.training.optim
+import sdeflow.training.trainer
 from helpers_exp import is_png, losses, snapshot, write_experiment
-from sdeflow.checkpoint import load, save_atomic
-from sdeflow.config import load_experiment
-from sdeflow.data import batch_indices, train_batches
-from sdeflow.errors import SdeflowError
-from sdeflow.runlog import read_metrics
-from sdeflow.trainer import Trainer, TrainingDiverged, train
+from sdeflow.core.batches import batch_indices, train_batches
+from sdeflow.core.errors import SdeflowError
+from sdeflow.experiment.config import load_experiment
+from sdeflow.rundir.checkpoint import load, save_atomic
+from sdeflow.rundir.log import read_metrics
+from sdeflow.training.trainer import Trainer, TrainingDiverged, train
 from sdeflow_builtin.losses import DSM
 
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "rng", "config"}
@@ -155,7 +155,7 @@ def test_two_restarts_within_one_second_keep_both_old_runs_side_by_side(tmp_path
     run_dir = tmp_path / "run"
     exp = experiment(tmp_path, "train.steps=1")
     train(exp, run_dir)
-    monkeypatch.setattr(sdeflow.runfolder.time, "strftime", lambda *args: "20250101-000000")  # one clock second
+    monkeypatch.setattr(sdeflow.rundir.folder.time, "strftime", lambda *args: "20250101-000000")  # one clock second
     train(exp, run_dir, restart=True)
     train(exp, run_dir, restart=True)
     backups = sorted(tmp_path.glob("run.old-*"))
@@ -196,7 +196,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(sdeflow.checkpoint.torch, "save", torn_save)
+    monkeypatch.setattr(sdeflow.rundir.checkpoint.torch, "save", torn_save)
     with pytest.raises(SdeflowError, match="last.pt: cannot write .disk full.; nothing was replaced"):
         save_atomic({"step": 2, "weights": torch.zeros(3)}, path)
     assert path.read_bytes() == before
@@ -213,7 +213,7 @@ def test_a_crash_while_saving_during_training_keeps_the_last_good_checkpoint(tmp
         f.write(b"PK\x03\x04")
         raise OSError("disk full")
 
-    monkeypatch.setattr(sdeflow.checkpoint.torch, "save", torn_save)
+    monkeypatch.setattr(sdeflow.rundir.checkpoint.torch, "save", torn_save)
     with pytest.raises(SdeflowError, match="cannot write"):
         train(experiment(tmp_path, "train.steps=8"), run_dir)
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
@@ -259,14 +259,14 @@ def test_training_batches_started_mid_run_continue_the_same_order():
 
 
 def test_adam_is_fused_where_pytorch_has_a_fused_kernel_and_plain_elsewhere():
-    cpu = sdeflow.optim.adam([torch.nn.Parameter(torch.zeros(3))], 1e-3)
+    cpu = sdeflow.training.optim.adam([torch.nn.Parameter(torch.zeros(3))], 1e-3)
     assert cpu.defaults["fused"] is True
     # A device without a fused kernel must not ask for one (torch would refuse at construction).
-    meta = sdeflow.optim.adam([torch.nn.Parameter(torch.zeros(3, device="meta"))], 1e-3)
+    meta = sdeflow.training.optim.adam([torch.nn.Parameter(torch.zeros(3, device="meta"))], 1e-3)
     assert not meta.defaults["fused"]
     # The fused update is Adam: one step matches the textbook formula, lr·g/(|g|+eps) at step 1.
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = sdeflow.optim.adam([p], 0.1)
+    opt = sdeflow.training.optim.adam([p], 0.1)
     p.grad = torch.tensor([0.5, -4.0])
     opt.step()
     torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9]), rtol=0, atol=1e-6)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from sdeflow.errors import InvalidArgument, SdeflowError
-from sdeflow.transforms import Identity, Logit, ModelSpace, bits_per_dim, logit_transform, mean_and_se
+from sdeflow.core.errors import InvalidArgument, SdeflowError
+from sdeflow.core.statistics import mean_and_se
+from sdeflow.core.transforms import Identity, Logit, ModelSpace, bits_per_dim, logit_transform
 from sdeflow_builtin.datasets import image_transform
 from sdeflow_builtin.dequantizers import Uniform
 

@@ -8,8 +8,8 @@ From Python (a notebook, a script), the API is :func:`experiment`, :func:`compon
 """
 
 from .api import Run, component, experiment, open_run, train
-from .hookspecs import hookimpl
-from .interfaces import (
+from .core.hookspecs import hookimpl
+from .core.interfaces import (
     SDE,
     DataBundle,
     DataTransform,
@@ -19,8 +19,8 @@ from .interfaces import (
     TimeDensity,
     TimeSampler,
 )
-from .model import DiffusionModel
-from .runfolder import installed_version
+from .core.model import DiffusionModel
+from .rundir.folder import installed_version
 
 __version__ = installed_version()
 

@@ -1,5 +1,5 @@
 """``python -m sdeflow`` is the ``sdeflow`` command (torchrun uses this form)."""
 
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

@@ -6,7 +6,7 @@
     run.bpd(run.data.test[:256])             # per-example bits/dim of a batch in data space
     run.sample(1000, lam=1.0)                # probability-flow ODE samples
 
-Errors are the CLI's, raised as :class:`sdeflow.errors.SdeflowError` (a :class:`ConfigError` for bad
+Errors are the CLI's, raised as :class:`sdeflow.core.errors.SdeflowError` (a :class:`ConfigError` for bad
 settings) with the same one-line text.
 """
 
@@ -22,17 +22,20 @@ from typing import Any
 import attrs
 from torch import Tensor
 
-from . import hookspecs, runfolder, runs, trainer
-from .build import advice, check_experiment
-from .config import Experiment, apply_overrides, check_component, load_experiment, structure
-from .data import num_examples, take
-from .errors import ConfigError, InvalidArgument, SdeflowError, blame_overrides
-from .evaluate import batch_nll, format_results, prepare_on_pilot, summarize
-from .figures import image_grid, new_figure, samples_figure, trajectories_figure
-from .quality import format_quality, parse_metrics, run_quality
-from .registry import INJECTED, default_registry
-from .results import headline, record, record_quality
-from .runlog import read_metrics
+from .assembly import run as runs
+from .assembly.build import advice, check_experiment
+from .components.registry import INJECTED, default_registry
+from .core import hookspecs
+from .core.batches import num_examples, take
+from .core.errors import ConfigError, InvalidArgument, SdeflowError, blame_overrides
+from .evaluation.evaluate import batch_nll, format_results, prepare_on_pilot, summarize
+from .evaluation.figures import image_grid, new_figure, samples_figure, trajectories_figure
+from .evaluation.quality import format_quality, parse_metrics, run_quality
+from .experiment.config import Experiment, apply_overrides, check_component, load_experiment, structure
+from .rundir import folder as runfolder
+from .rundir.log import read_metrics
+from .rundir.results import headline, record, record_quality
+from .training import trainer
 
 MAPPING_SOURCE = "<mapping>"
 

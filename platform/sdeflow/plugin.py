@@ -4,7 +4,7 @@ This is the only kernel module the built-in plugins (``plugins/sdeflow_builtin``
 third-party plugin import (``tests/test_structure.py`` enforces it), so a plugin written against it keeps
 working when the kernel moves a function between its modules. Grouped by what a plugin does:
 
-- **registering**: ``hookimpl`` marks the ``sdeflow_register_<kind>s(register)`` hooks (sdeflow.hookspecs);
+- **registering**: ``hookimpl`` marks the ``sdeflow_register_<kind>s(register)`` hooks (sdeflow.core.hookspecs);
 - **interfaces** a component implements: ``SDE``, ``Parameterization``, ``Loss``, ``TimeSampler``,
   ``Sampler``, ``Dequantizer``, ``DataBundle``, ``DataTransform`` (``Identity``, ``Logit``, ``UnitInterval``,
   ``Affine``), ``TimeDensity``, ``Metric``, ``LRSchedule``, and the model they act on, ``DiffusionModel``;
@@ -27,20 +27,16 @@ working when the kernel moves a function between its modules. Grouped by what a 
 
 from __future__ import annotations
 
-from .checkpoint import derive_seed
-from .compiling import differentiated_twice
-from .elbo import check_probe, dsm_elbo, elbo, require_linear_drift
-from .elbo_estimators import CombinedELBO, DenoisingELBO, HutchinsonELBO
-from .errors import DataError, InvalidArgument, did_you_mean, require
-from .estimators import ODE
-from .hookspecs import hookimpl
-from .inception import Statistics
-from .interfaces import (
+from .core.compiling import differentiated_twice
+from .core.errors import DataError, InvalidArgument, did_you_mean, require
+from .core.hookspecs import hookimpl
+from .core.interfaces import (
     SDE,
     DataBundle,
     DataTransform,
     Dequantizer,
     Loss,
+    LRSchedule,
     Parameterization,
     Sampler,
     TabulatedTimeDensity,
@@ -53,12 +49,17 @@ from .interfaces import (
     gaussian_log_prob,
     randn_like,
 )
-from .likelihood import ODEEstimator, check_method, ode_sample
-from .model import DiffusionModel, check_lambda
-from .optim import LRSchedule, fused_where_possible
-from .quality import Metric, frechet_distance, kernel_inception_distance, mmd, sliced_wasserstein
-from .time_grids import check_grid, log_snr, make_grid, noise_to_signal, t_of_log_snr
-from .transforms import Affine, Identity, Logit, UnitInterval, truncated_normal_draw, truncated_normal_log_q
+from .core.model import DiffusionModel, check_lambda
+from .core.seeding import derive_seed
+from .core.time_grids import check_grid, log_snr, make_grid, noise_to_signal, t_of_log_snr
+from .core.transforms import Affine, Identity, Logit, UnitInterval, truncated_normal_draw, truncated_normal_log_q
+from .evaluation.inception import Statistics
+from .evaluation.quality import Metric, frechet_distance, kernel_inception_distance, mmd, sliced_wasserstein
+from .likelihood.elbo import check_probe, dsm_elbo, elbo, require_linear_drift
+from .likelihood.elbo_estimators import CombinedELBO, DenoisingELBO, HutchinsonELBO
+from .likelihood.estimators import ODE
+from .likelihood.ode import ODEEstimator, check_method, ode_sample
+from .training.optim import fused_where_possible
 
 __all__ = [
     "ODE",

@@ -15,7 +15,7 @@ from sdeflow.plugin import Metric, ODEEstimator
 
 
 class RK4ODE:
-    """``ode_rk4``: the ODE likelihood of :class:`sdeflow.likelihood.ODEEstimator` with torchdiffeq's rk4."""
+    """``ode_rk4``: the ODE likelihood of :class:`sdeflow.likelihood.ode.ODEEstimator` with torchdiffeq's rk4."""
 
     def __init__(self, config, time_sampler=None, samples=None, time_sampler_name=None):
         self.inner = ODEEstimator(config.probe, config.ode_t0, "rk4", config.ode_rtol, config.ode_atol)

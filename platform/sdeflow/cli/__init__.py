@@ -1,0 +1,5 @@
+"""The ``sdeflow`` command: its commands (main) and their arguments (parser)."""
+
+from .main import main
+
+__all__ = ["main"]

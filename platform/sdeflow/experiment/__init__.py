@@ -1,0 +1,2 @@
+"""The experiment as data: the checked ``Experiment`` from YAML and overrides, and reading YAML and JSON
+files safely."""

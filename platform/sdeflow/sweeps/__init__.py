@@ -1,0 +1,2 @@
+"""Ablations and sweep grids: expansion, launchers (sequential, local, SLURM), job state and the paired
+summary."""

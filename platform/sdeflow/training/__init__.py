@@ -1,0 +1,1 @@
+"""Training: the loop and its optimisation state, periodic milestones, stop signals, memory estimates."""
