@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from sdeflow.cli.main import main
+from sdeflow.cli.commands import main
 from sdeflow.rundir.log import read_metrics
 
 TINY: dict[str, Any] = {

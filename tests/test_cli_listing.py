@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sdeflow.cli.main import main
+from sdeflow.cli.commands import main
 from sdeflow.components.registry import DISABLE_ENV, ENTRY_POINT_GROUP, STRICT_ENV
 
 BROKEN = 'raise RuntimeError("boom")\n'

@@ -133,7 +133,7 @@ logging: {progress: false, tensorboard: false}
 def _train_worker(rank: int, port: int, argv: list[str]) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from sdeflow.cli.main import main
+    from sdeflow.cli.commands import main
 
     assert main(argv) == 0
 

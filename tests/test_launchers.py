@@ -95,7 +95,7 @@ def test_status_of_a_sweep_in_progress_says_pending_running_and_stopped(tmp_path
 def test_a_sigterm_stops_a_local_sweep_with_a_checkpoint_in_every_running_variant(tmp_path, capsys):
     path = swissroll_sweep(tmp_path, steps=100_000, checkpoint_every=0, log_every=10)
     runs = tmp_path / "runs"
-    code = "import sys; from sdeflow.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from sdeflow.cli.commands import main; sys.exit(main(sys.argv[1:]))"
     process = subprocess.Popen([sys.executable, "-c", code, "sweep", str(path), "--runs-dir", str(runs),
                                 "--launcher", "local", "--jobs", "2"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

@@ -172,7 +172,7 @@ def test_stop_requests_outside_the_main_thread_install_nothing():
 def _ddp_worker(rank: int, port: int, argv: list[str], out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from sdeflow.cli.main import main
+    from sdeflow.cli.commands import main
 
     honest_step = Trainer.train_step
 

@@ -15,6 +15,7 @@ import pytest
 
 import sdeflow.api
 from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, write_experiment
+from sdeflow.cli import main
 from sdeflow.rundir.folder import FolderGone
 
 
@@ -33,7 +34,7 @@ def sweep_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep")
     config = tiny_config(ablations=[{"name": "score", "set": {"parameterization.name": "score"}}])
     path = write_experiment(folder, config)
-    assert sdeflow.cli.main.main(["sweep", str(path), "--runs-dir", str(folder / "runs")]) == 0
+    assert main(["sweep", str(path), "--runs-dir", str(folder / "runs")]) == 0
     return folder
 
 

@@ -36,7 +36,7 @@ PREVIOUS = Path("checkpoints") / "previous.pt"
 
 def sdeflow_process(*argv, script: str = "", **kwargs) -> subprocess.Popen:
     """``sdeflow ARGV`` in a fresh Python process, after running ``script`` (e.g. a fault to inject)."""
-    code = textwrap.dedent(script) + "\nimport sys\nfrom sdeflow.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    code = textwrap.dedent(script) + "\nimport sys\nfrom sdeflow.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 

@@ -102,7 +102,8 @@ def test_the_import_reader_resolves_relative_imports_in_subpackages():
 
 def test_no_import_circle_in_the_kernel():
     graph = kernel_imports()
-    assert {"api", "cli.main", "training.trainer", "assembly.run", "rundir.folder", "evaluation.evaluate"} <= set(graph)
+    assert {"api", "cli.commands", "training.trainer", "assembly.run", "rundir.folder",
+            "evaluation.evaluate"} <= set(graph)
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
 
 
@@ -131,7 +132,7 @@ def test_the_core_imports_nothing_else_of_sdeflow():
 def test_every_command_line_option_is_described():
     import argparse
 
-    from sdeflow.cli.main import build_parser
+    from sdeflow.cli.commands import build_parser
 
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -1,5 +1,5 @@
 """``python -m sdeflow`` is the ``sdeflow`` command (torchrun uses this form)."""
 
-from .cli.main import main
+from .cli.commands import main
 
 raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""The ``sdeflow`` command: its commands (main) and their arguments (parser)."""
+"""The ``sdeflow`` command: its commands (``commands``) and their arguments (``parser``); ``main`` runs one."""
 
-from .main import main
+from .commands import main
 
 __all__ = ["main"]

@@ -1,6 +1,6 @@
 """The ``sdeflow`` command line's arguments: every subcommand, every option with its help and default.
 
-The commands themselves are in :mod:`sdeflow.cli.main`; ``build_parser(commands)`` wires each subcommand to
+The commands themselves are in :mod:`sdeflow.cli.commands`; ``build_parser(commands)`` wires each subcommand to
 the function of the same name there (``commands["train"]``, …).
 """
 
