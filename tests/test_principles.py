@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import sdeflow.api
 from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, write_experiment
@@ -343,3 +344,40 @@ def test_a_small_mnist_format_set_is_refused_with_the_n_val_that_would_fit(tmp_p
     path = write_experiment(tmp_path, data={"name": "mnist", "root": str(tmp_path / "data"), "download": False,
                                             "n_val": 4}, network={"name": "mlp", "hidden": 8, "depth": 1})
     assert run_cli(capsys, "check", path)[0] == 0
+
+
+# ------------------------------------------------------------------ 6: nothing changes before a step has run
+
+
+class Died(BaseException):
+    """The process ends here (a crash in a kernel, a kill), as no handler catches it."""
+
+
+def die(*args, **kwargs):
+    raise Died()
+
+
+def test_a_process_that_dies_in_its_first_step_leaves_config_yaml_as_it_was(trained, capsys, monkeypatch):
+    from sdeflow.training.trainer import Trainer
+
+    path, run = trained
+    before = (run / "config.yaml").read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", die)
+        with pytest.raises(Died):
+            run_cli(capsys, "train", path, "--run-dir", run, "train.steps=8", "train.lr=0.002")
+    assert (run / "config.yaml").read_bytes() == before  # no history entry for steps that never ran
+    status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.steps=8", "train.lr=0.002")
+    assert status == 0 and "train.lr changed on resume: 0.001 → 0.002" in err
+    history = yaml.safe_load((run / "config.yaml").read_text())["history"]
+    assert history == [{"from_step": 0, "to_step": 4, "settings": {"train.lr": 0.001, "train.steps": 4}}]
+
+
+def test_a_fresh_run_that_dies_in_its_first_step_writes_no_config(tmp_path, capsys, monkeypatch):
+    from sdeflow.training.trainer import Trainer
+
+    path = write_experiment(tmp_path)
+    monkeypatch.setattr(Trainer, "train_step", die)
+    with pytest.raises(Died):
+        run_cli(capsys, "train", path, "--run-dir", tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()

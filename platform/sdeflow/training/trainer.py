@@ -98,6 +98,9 @@ class Trainer:
         for line in advice(self.exp, run.parts):
             self.say(f"warning: {line}")
         self.log: RunLog | None = None
+        self.pending_config: str | None = None
+        """config.yaml as this process will write it, held back until a step has run (or a save or a final
+        evaluation needs it): a process that cannot train changes no settings or history on disk."""
         problem = None
         try:
             check_accumulate(run.exp, self.ctx.world)  # each rank's share splits into equal micro-batches
@@ -150,7 +153,13 @@ class Trainer:
             text = dump_config(self.exp, plugin_versions(self.run.registry, self.exp),
                                history_with(run_dir, changes, self.step))
             if not (run_dir / CONFIG_FILE).exists() or (run_dir / CONFIG_FILE).read_text() != text:
-                write_text_atomic(run_dir / CONFIG_FILE, text)
+                self.pending_config = text
+
+    def write_config(self) -> None:
+        """Write config.yaml if this run changed it (once: after the first step, before any save)."""
+        if self.pending_config is not None:
+            write_text_atomic(self.run.run_dir / CONFIG_FILE, self.pending_config)
+            self.pending_config = None
 
     def _resume(self, state: dict[str, Any]) -> None:
         self.run.model.load_state_dict(state["model"])
@@ -216,6 +225,7 @@ class Trainer:
         """last.pt, keeping the one it replaces as previous.pt (the fallback if last.pt is ever unreadable).
         Weights that are not all finite are never saved: the update that broke them is refused here, so the
         last good checkpoint stays last.pt (the loss is computed before the update and cannot tell)."""
+        self.write_config()
         state = self.state_dict()
         bad = non_finite_entries(state)
         if self.ctx.any(torch.tensor(bool(bad), device=self.run.device)):
@@ -305,6 +315,7 @@ class Trainer:
                 loss = step(x.to(run.device, non_blocking=True))
                 step = self.train_step
                 self.step += 1
+                self.write_config()
                 now = time.perf_counter()
                 self.window.add(loss, now - tick)
                 self.elapsed += now - tick
@@ -383,6 +394,7 @@ class Trainer:
 
     def finish(self, trained: bool) -> dict[str, dict[str, Any]]:
         """Save, evaluate every final split, sample; results are recorded in eval.json (by split)."""
+        self.write_config()
         if trained:
             self.save()
         results = {}
