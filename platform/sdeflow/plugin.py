@@ -18,6 +18,8 @@ working when the kernel moves a function between its modules. Grouped by what a 
 - **likelihood** building blocks, for estimators and losses: ``elbo``, ``dsm_elbo``, ``check_probe``,
   ``require_linear_drift``, ``HutchinsonELBO``, ``DenoisingELBO``, ``CombinedELBO``, ``ODEEstimator``,
   ``ODE``, ``check_method``, ``ode_sample``, ``truncated_normal_draw``, ``truncated_normal_log_q``;
+- **time samplers**: ``LikelihoodDensity`` (t from the SDE's likelihood-weighted density, the base of
+  ``debiased``), ``uniform_u`` (u ~ U(0, 1] in float64, for ``sample_u``);
 - **samplers'** time grids: ``make_grid``, ``check_grid``, ``log_snr``, ``t_of_log_snr``,
   ``noise_to_signal``, and ``check_lambda`` for a λ-sampler's λ;
 - **metrics**: ``Metric``, ``Statistics`` (Inception feature statistics), ``frechet_distance``,
@@ -59,6 +61,7 @@ from .likelihood.elbo import check_probe, dsm_elbo, elbo, require_linear_drift
 from .likelihood.elbo_estimators import CombinedELBO, DenoisingELBO, HutchinsonELBO
 from .likelihood.estimators import ODE
 from .likelihood.ode import ODEEstimator, check_method, ode_sample
+from .likelihood.time_proposals import LikelihoodDensity, uniform_u
 from .training.optim import fused_where_possible
 
 __all__ = [
@@ -74,6 +77,7 @@ __all__ = [
     "DiffusionModel",
     "HutchinsonELBO",
     "Identity",
+    "LikelihoodDensity",
     "InvalidArgument",
     "LRSchedule",
     "Logit",
@@ -115,6 +119,7 @@ __all__ = [
     "require_linear_drift",
     "sliced_wasserstein",
     "t_of_log_snr",
+    "uniform_u",
     "truncated_normal_draw",
     "truncated_normal_log_q",
 ]

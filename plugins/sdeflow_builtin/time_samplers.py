@@ -8,12 +8,17 @@ import math
 import torch
 from torch import Tensor
 
-from sdeflow.plugin import SDE, InvalidArgument, TabulatedTimeDensity, TimeDensity, TimeSampler, derived, hookimpl
-
-
-def _u(n: int, device, generator) -> Tensor:
-    """u ~ U(0, 1]: never exactly 0, so no t is exactly 0 (σ(0) = 0 would divide by zero)."""
-    return 1.0 - torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+from sdeflow.plugin import (
+    SDE,
+    InvalidArgument,
+    LikelihoodDensity,
+    TabulatedTimeDensity,
+    TimeDensity,
+    TimeSampler,
+    derived,
+    hookimpl,
+    uniform_u,
+)
 
 
 class Uniform(TimeSampler):
@@ -23,29 +28,23 @@ class Uniform(TimeSampler):
         return torch.full_like(t, 1.0 / sde.T)
 
     def sample(self, sde: SDE, n: int, *, device=None, generator=None) -> tuple[Tensor, Tensor]:
-        return self.sample_u(sde, _u(n, device, generator))
+        return self.sample_u(sde, uniform_u(n, device, generator))
 
     def sample_u(self, sde: SDE, u: Tensor) -> tuple[Tensor, Tensor]:
         t = (sde.T * u).float()
         return t, self.density(sde, t)
 
 
-class Debiased(TimeSampler):
-    """t ~ q(t) ∝ g²/σ² truncated below t_ε, by inverse CDF (MATH.md §6; ``--debias=True``).
+class Debiased(LikelihoodDensity):
+    """t ~ q(t) ∝ g²/σ² truncated below t_ε, by inverse CDF (MATH.md §6; ``--debias=True``): the kernel's
+    likelihood-density sampler (the estimators' pilot pass draws from it too), in float32.
 
     Uses the SDE's own density: closed form where the SDE has one, else the kernel's table.
     """
 
-    def density(self, sde: SDE, t: Tensor) -> Tensor:
-        return sde.likelihood_time_density.pdf(t)
-
-    def sample(self, sde: SDE, n: int, *, device=None, generator=None) -> tuple[Tensor, Tensor]:
-        return self.sample_u(sde, _u(n, device, generator))
-
     def sample_u(self, sde: SDE, u: Tensor) -> tuple[Tensor, Tensor]:
-        density = sde.likelihood_time_density
-        t = density.icdf(u)
-        return t.float(), density.pdf(t).float()
+        t, q = super().sample_u(sde, u)
+        return t.float(), q.float()
 
 
 def log_snr(sde: SDE, t: Tensor) -> Tensor:
@@ -116,7 +115,7 @@ class LogSNR(TimeSampler):
         return self.density_of(sde).pdf(t)
 
     def sample(self, sde: SDE, n: int, *, device=None, generator=None) -> tuple[Tensor, Tensor]:
-        return self.sample_u(sde, _u(n, device, generator))
+        return self.sample_u(sde, uniform_u(n, device, generator))
 
     def sample_u(self, sde: SDE, u: Tensor) -> tuple[Tensor, Tensor]:
         density = self.density_of(sde)

@@ -18,7 +18,7 @@ from ..core.model import DiffusionModel
 from ..core.seeding import derive_seed
 from ..core.transforms import ModelSpace
 from ..evaluation.quality import parse_metrics
-from ..experiment.config import COMPONENT_DEFAULTS, Experiment
+from ..experiment.config import COMPONENT_DEFAULTS, Experiment, check_values
 from ..likelihood.elbo import require_linear_drift
 from ..likelihood.estimators import needs_linear_drift, parse_estimators
 from ..likelihood.ode import check_method
@@ -82,42 +82,12 @@ def build_parts(exp: Experiment, registry: Registry | None = None) -> Parts:
 def check_experiment(exp: Experiment, registry: Registry | None = None) -> Parts:
     """Every check ``train`` makes before loading data: names, arguments, values, run settings."""
     parts = build_parts(exp, registry)
-    t = exp.train
-    for key, value in [("steps", t.steps), ("batch_size", t.batch_size), ("eval.batch_size", exp.eval.batch_size),
-                       ("eval.samples_per_example", exp.eval.samples_per_example), ("sample.num", exp.sample.num)]:
-        if value < 1:
-            name = key if "." in key else f"train.{key}"
-            raise ConfigError(f"{exp.source}: {name}: must be at least 1, got {value}")
-    for key in ("log_every", "eval_every", "sample_every", "checkpoint_every", "num_workers"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"{exp.source}: train.{key}: must be 0 (never) or positive, got {getattr(t, key)}")
-    if t.checkpoint_minutes < 0:
-        raise ConfigError(f"{exp.source}: train.checkpoint_minutes: must be 0 (only by steps) or positive, "
-                          f"got {t.checkpoint_minutes}")
-    if t.grad_clip is not None and not t.grad_clip > 0:
-        raise ConfigError(f"{exp.source}: train.grad_clip: must be positive (the largest gradient norm) or null, "
-                          f"got {t.grad_clip}")
-    if not 0 <= exp.seed < 2**63:
-        raise ConfigError(f"{exp.source}: seed: must be in [0, 2**63), got {exp.seed}")
-    if not (t.lr > 0):
-        raise ConfigError(f"{exp.source}: train.lr: must be positive, got {t.lr}")
+    check_values(exp)
     check_accumulate(exp)
-    if not (0 <= t.ema < 1):
-        raise ConfigError(f"{exp.source}: train.ema: must be in [0, 1), got {t.ema}")
-    if exp.sample.lam is not None and not 0 <= exp.sample.lam <= 1:
-        raise ConfigError(f"{exp.source}: sample.lam: must be in [0, 1], got {exp.sample.lam}")
     if exp.sample.lam is not None:
         require_lambda_sampler(registry or default_registry(), exp, "sample.lam")
     if exp.sample.trajectories:
         require_lambda_sampler(registry or default_registry(), exp, "sample.trajectories")
-    if exp.eval.max_examples is not None and exp.eval.max_examples < 1:
-        raise ConfigError(f"{exp.source}: eval.max_examples: must be at least 1 (or null for all), "
-                          f"got {exp.eval.max_examples}")
-    if exp.sample.steps is not None and exp.sample.steps < 1:
-        raise ConfigError(f"{exp.source}: sample.steps: must be at least 1, got {exp.sample.steps}")
-    for key in ("pilot_examples", "proposal_bins", "ode_repeats"):
-        if getattr(exp.eval, key) < 1:
-            raise ConfigError(f"{exp.source}: eval.{key}: must be at least 1, got {getattr(exp.eval, key)}")
     try:
         check_method(exp.eval.ode_method)
     except InvalidArgument as e:
