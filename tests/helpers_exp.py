@@ -88,3 +88,30 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class Killed(BaseException):
+    """Stands for the process being killed (a kill, a crash in a kernel, an out-of-memory): no handler
+    catches it, not even the CLI's last-resort one."""
+
+
+def die_at_step(monkeypatch, step: int) -> None:
+    """Make training die (:class:`Killed`) as it would take step ``step`` (1-based), before any of its work."""
+    from sdeflow.training.trainer import Trainer
+
+    honest_step = Trainer.train_step
+
+    def dies(self, x):
+        if self.step == step - 1:
+            raise Killed
+        return honest_step(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", dies)
+
+
+def finished_run(tmp_path: Path, capsys) -> tuple[Path, Path]:
+    """A finished tiny run (4 steps, checkpoints at 2 and 4) trained by the CLI: (experiment file, run folder)."""
+    path = write_experiment(tmp_path)
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", path, "--run-dir", run)[0] == 0
+    return path, run

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from helpers_exp import assert_one_line_error, losses, run_cli, tiny_config, write_experiment
+from helpers_exp import Killed, assert_one_line_error, die_at_step, losses, run_cli, tiny_config, write_experiment
 from sdeflow.api import component
 from sdeflow.assembly.run import build_run
 from sdeflow.components.registry import build_registry
@@ -26,7 +26,7 @@ from sdeflow.rundir.checkpoint import load, save_atomic
 from sdeflow.rundir.log import read_metrics
 from sdeflow.training.trainer import Trainer, train
 from sdeflow_builtin.losses import dsm_per_time
-from test_training import Killed, assert_same_state
+from test_training import assert_same_state
 
 SCHEDULED = ("optimizer={name: adamw, weight_decay: 0.1}",
              "lr_schedule={name: warmup_cosine, warmup_steps: 3, final_fraction: 0.1}")
@@ -166,18 +166,11 @@ def test_every_group_steps_at_its_base_rate_times_the_factor_and_metrics_log_it(
 def test_resume_after_a_kill_mid_schedule_repeats_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
     exp = experiment(tmp_path, "train.steps=7", *SCHEDULED)  # checkpoints every 2 steps
     train(exp, tmp_path / "a")
-    honest_step = Trainer.train_step
-
-    def dies_at_step_6(self, x):
-        if self.step == 5:
-            raise Killed
-        return honest_step(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_6)
-    with pytest.raises(Killed):
-        train(exp, tmp_path / "b")
+    with monkeypatch.context() as patch:
+        die_at_step(patch, 6)
+        with pytest.raises(Killed):
+            train(exp, tmp_path / "b")
     assert load(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 4  # in the middle of the decay
-    monkeypatch.setattr(Trainer, "train_step", honest_step)
     train(exp, tmp_path / "b")
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     lrs = {tmp: [r["lr"] for r in read_metrics(tmp_path / tmp) if "loss" in r] for tmp in "ab"}

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from helpers_exp import losses, run_cli, tiny_config, write_experiment
+from helpers_exp import Killed, die_at_step, losses, run_cli, tiny_config, write_experiment
 from sdeflow.experiment.config import load_experiment
 from sdeflow.rundir.checkpoint import load
 from sdeflow.rundir.results import headline
@@ -19,7 +19,7 @@ from sdeflow.training.preemption import EXIT_PREEMPTED, Preempted, StopRequests
 from sdeflow.training.trainer import Trainer, train
 from test_distributed import WORLD, _free_port
 from test_reliability import sdeflow_process
-from test_training import Killed, assert_same_state
+from test_training import assert_same_state
 
 LAST = ("checkpoints", "last.pt")
 
@@ -134,14 +134,7 @@ def test_a_second_signal_during_the_save_changes_nothing(tmp_path):
 def test_checkpoint_minutes_saves_by_wall_time_between_step_checkpoints(tmp_path, monkeypatch):
     exp = load_experiment(write_experiment(tmp_path), ["train.steps=9", "train.checkpoint_every=0",
                                                        "train.checkpoint_minutes=1e-9"])  # due at every step
-    honest_step = Trainer.train_step
-
-    def dies_at_step_6(self, x):
-        if self.step == 5:
-            raise Killed
-        return honest_step(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_6)
+    die_at_step(monkeypatch, 6)
     with pytest.raises(Killed):
         train(exp, tmp_path / "run")
     assert last_step(tmp_path / "run") == 5  # only steps 6.. are lost, though no step checkpoint was due

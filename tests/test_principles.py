@@ -15,18 +15,23 @@ import pytest
 import yaml
 
 import sdeflow.api
-from helpers_exp import assert_one_line_error, run_cli, snapshot, tiny_config, write_experiment
+from helpers_exp import (
+    Killed,
+    assert_one_line_error,
+    die_at_step,
+    finished_run,
+    run_cli,
+    snapshot,
+    tiny_config,
+    write_experiment,
+)
 from sdeflow.cli import main
 from sdeflow.rundir.folder import FolderGone
 
 
 @pytest.fixture
 def trained(tmp_path, capsys):
-    """A finished tiny run (4 steps): (experiment file, run folder)."""
-    path = write_experiment(tmp_path)
-    run = tmp_path / "run"
-    assert run_cli(capsys, "train", path, "--run-dir", run)[0] == 0
-    return path, run
+    return finished_run(tmp_path, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -349,22 +354,12 @@ def test_a_small_mnist_format_set_is_refused_with_the_n_val_that_would_fit(tmp_p
 # ------------------------------------------------------------------ 6: nothing changes before a step has run
 
 
-class Died(BaseException):
-    """The process ends here (a crash in a kernel, a kill), as no handler catches it."""
-
-
-def die(*args, **kwargs):
-    raise Died()
-
-
 def test_a_process_that_dies_in_its_first_step_leaves_config_yaml_as_it_was(trained, capsys, monkeypatch):
-    from sdeflow.training.trainer import Trainer
-
     path, run = trained
     before = (run / "config.yaml").read_bytes()
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_step", die)
-        with pytest.raises(Died):
+        die_at_step(patch, 5)  # the first step this resumed run takes
+        with pytest.raises(Killed):
             run_cli(capsys, "train", path, "--run-dir", run, "train.steps=8", "train.lr=0.002")
     assert (run / "config.yaml").read_bytes() == before  # no history entry for steps that never ran
     status, _, err = run_cli(capsys, "train", path, "--run-dir", run, "train.steps=8", "train.lr=0.002")
@@ -374,10 +369,8 @@ def test_a_process_that_dies_in_its_first_step_leaves_config_yaml_as_it_was(trai
 
 
 def test_a_fresh_run_that_dies_in_its_first_step_writes_no_config(tmp_path, capsys, monkeypatch):
-    from sdeflow.training.trainer import Trainer
-
     path = write_experiment(tmp_path)
-    monkeypatch.setattr(Trainer, "train_step", die)
-    with pytest.raises(Died):
+    die_at_step(monkeypatch, 1)
+    with pytest.raises(Killed):
         run_cli(capsys, "train", path, "--run-dir", tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()

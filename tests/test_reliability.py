@@ -22,7 +22,15 @@ import torch
 import yaml
 
 import sdeflow.likelihood.elbo
-from helpers_exp import assert_one_line_error, losses, run_cli, snapshot, tiny_config, write_experiment
+from helpers_exp import (
+    assert_one_line_error,
+    finished_run,
+    losses,
+    run_cli,
+    snapshot,
+    tiny_config,
+    write_experiment,
+)
 from sdeflow.core.errors import ConfigError
 from sdeflow.experiment.config import safe_load_capped
 from sdeflow.rundir.checkpoint import load
@@ -43,11 +51,7 @@ def sdeflow_process(*argv, script: str = "", **kwargs) -> subprocess.Popen:
 
 @pytest.fixture
 def trained(tmp_path, capsys):
-    """A finished tiny run (4 steps, checkpoints at 2 and 4): (experiment file, run folder)."""
-    path = write_experiment(tmp_path)
-    run = tmp_path / "run"
-    assert run_cli(capsys, "train", path, "--run-dir", run)[0] == 0
-    return path, run
+    return finished_run(tmp_path, capsys)
 
 
 # ------------------------------------------------------------------ one writer per run

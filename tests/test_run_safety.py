@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers_exp import assert_one_line_error, losses, run_cli, snapshot, tiny_config, write_experiment
+from helpers_exp import Killed, assert_one_line_error, losses, run_cli, snapshot, tiny_config, write_experiment
 from sdeflow.core.seeding import derive_seed
 from sdeflow.rundir.log import read_metrics
 from sdeflow.training.trainer import Trainer, step_seed
@@ -47,16 +47,12 @@ def test_non_positive_counts_on_the_command_line_are_refused_before_anything_is_
     assert snapshot(run) == before
 
 
-class Died(BaseException):
-    """The process ends here (a kill, an out-of-memory), as no handler catches it."""
-
-
 def test_a_crash_before_the_first_checkpoint_leaves_no_stale_metrics(tmp_path, capsys, monkeypatch):
     path = write_experiment(tmp_path, tiny_config(train={"checkpoint_every": 0}))
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save", lambda self: (_ for _ in ()).throw(Died()))  # dies as it would save
-        with pytest.raises(Died):
+        patch.setattr(Trainer, "save", lambda self: (_ for _ in ()).throw(Killed()))  # dies as it would save
+        with pytest.raises(Killed):
             run_cli(capsys, "train", path, "--run-dir", run)
     assert [step for step, _ in losses(run)] == [1, 2, 3, 4] and not (run / "checkpoints").exists()
     assert run_cli(capsys, "train", path, "--run-dir", run)[0] == 0

@@ -13,20 +13,16 @@ import sdeflow.rundir.checkpoint
 import sdeflow.rundir.folder
 import sdeflow.training.optim
 import sdeflow.training.trainer
-from helpers_exp import is_png, losses, snapshot, write_experiment
+from helpers_exp import Killed, die_at_step, is_png, losses, snapshot, write_experiment
 from sdeflow.core.batches import batch_indices, train_batches
 from sdeflow.core.errors import SdeflowError
 from sdeflow.experiment.config import load_experiment
 from sdeflow.rundir.checkpoint import load, save_atomic
 from sdeflow.rundir.log import read_metrics
-from sdeflow.training.trainer import Trainer, TrainingDiverged, train
+from sdeflow.training.trainer import TrainingDiverged, train
 from sdeflow_builtin.losses import DSM
 
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "rng", "config"}
-
-
-class Killed(Exception):
-    """Stands for the process being killed in the middle of a training step."""
 
 
 def experiment(tmp_path, *overrides: str, **sections):
@@ -108,21 +104,13 @@ def test_resume_after_finishing_fewer_steps_repeats_the_uninterrupted_run_exactl
 def test_resume_after_a_kill_mid_run_repeats_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
     exp = experiment(tmp_path, "train.steps=7")  # checkpoints every 2 steps
     train(exp, tmp_path / "a")
-
-    honest_step = Trainer.train_step
-
-    def dies_at_step_6(self, x):
-        if self.step == 5:
-            raise Killed
-        return honest_step(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_6)
-    with pytest.raises(Killed):
-        train(exp, tmp_path / "b")
+    with monkeypatch.context() as patch:
+        die_at_step(patch, 6)
+        with pytest.raises(Killed):
+            train(exp, tmp_path / "b")
     assert [s for s, _ in losses(tmp_path / "b")] == [1, 2, 3, 4, 5]
     assert load(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 4
 
-    monkeypatch.setattr(Trainer, "train_step", honest_step)
     train(exp, tmp_path / "b")
     assert losses(tmp_path / "b") == losses(tmp_path / "a")  # step 5 is logged once, as in run a
     assert_same_state(load(tmp_path / "a" / "checkpoints" / "last.pt"),
