@@ -24,7 +24,7 @@ from ..evaluation.figures import save_samples, save_trajectories
 from ..experiment.config import COMPONENT_DEFAULTS, Experiment, check_component
 from ..likelihood.estimators import make_estimators
 from ..rundir.checkpoint import UnreadableCheckpoint
-from ..rundir.folder import CONFIG_FILE, LAST, PinnedFolder, read_run_config, restore, run_experiment, say
+from ..rundir.folder import CONFIG_FILE, LAST, PinnedFolder, restore, run_experiment, say
 from .build import (
     Parts,
     build_bound,
@@ -226,9 +226,8 @@ def open_run(run_dir: str | Path, registry: Registry | None = None, notice: Call
              ) -> Run:
     """A trained run, rebuilt from its config.yaml, with weights (EMA) from its newest usable checkpoint."""
     registry = registry or default_registry()
-    read_run_config(run_dir)  # a missing or unreadable folder is one line from here
-    folder = PinnedFolder(run_dir)  # from now on, the weights, config and records are this folder's
-    exp = run_experiment(folder.now(), registry, notice or say)
+    exp = run_experiment(run_dir, registry, notice or say)  # a missing or damaged folder is one line
+    folder = PinnedFolder(run_dir)  # from now on, the weights and records are this folder's
     run = build_run(exp, run_dir, registry=registry)
     run.folder = folder
 

@@ -293,25 +293,21 @@ def run_experiment(run_dir: str | Path, registry: Registry, notice: Callable[[st
     header = records.get("sdeflow")
     if isinstance(header, Mapping) and header.get("config") == COMPLETE:
         if filled:
-            raise DamagedConfig(f"{path}: {filled[0]}: missing{f' (and {len(filled) - 1} more)' if filled[1:] else ''};"
-                              " a run's config.yaml holds every setting it ran with, so this one is damaged "
-                              "(cut short?): restore it, or --restart the run")
+            first, more = next(iter(filled)), len(filled) - 1
+            raise DamagedConfig(f"{path}: {first}: missing{f' (and {more} more)' if more else ''};"
+                                " a run's config.yaml holds every setting it ran with, so this one is damaged "
+                                "(cut short?): restore it, or --restart the run")
     elif filled:
-        shown = ", ".join(f"{k}={v!r}" for k, v in list(filled_values(exp, filled).items())[:4])
+        shown = ", ".join(f"{k}={v!r}" for k, v in list(filled.items())[:4])
         notice(f"{path} predates complete configs: {len(filled)} setting(s) it does not hold take today's "
                f"defaults ({shown}{', …' if len(filled) > 4 else ''})")
     return exp
 
 
-def filled_settings(raw: Mapping[str, Any], exp: Experiment) -> list[str]:
-    """Dotted keys of ``exp`` that ``raw`` (the file) does not hold: filled with defaults."""
+def filled_settings(raw: Mapping[str, Any], exp: Experiment) -> dict[str, Any]:
+    """{dotted key: value} of the settings of ``exp`` that ``raw`` (the file) does not hold: filled with defaults."""
     held = set(flatten(dict(raw)))
-    return [k for k in flatten(exp.to_dict()) if k not in held and k != "name"]
-
-
-def filled_values(exp: Experiment, keys: list[str]) -> dict[str, Any]:
-    values = flatten(exp.to_dict())
-    return {k: values[k] for k in keys}
+    return {k: v for k, v in flatten(exp.to_dict()).items() if k not in held and k != "name"}
 
 
 # ---------------------------------------------------------------- taking a folder to write
@@ -342,13 +338,12 @@ def changes_since(run_dir: Path, exp: Experiment, registry: Registry
     """(the run's config, ``exp``'s, {dotted key: (old, new)} of every setting that differs), component
     names qualified by plugin; settings added since the run began compare with their defaults."""
     recorded = recorded_plugins(run_dir)
-    old = read_run_config(run_dir)
     try:
         old = run_experiment(run_dir, registry, say).to_dict()
     except DamagedConfig:
         raise
     except SdeflowError:  # a name no plugin registers now, a value no longer valid: compared as written
-        pass
+        old = read_run_config(run_dir)
     old = qualified_components(old, registry, recorded)
     new = qualified_components(exp.to_dict(), registry, recorded)
     return old, new, config_changes(old, new)
